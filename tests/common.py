@@ -1,0 +1,82 @@
+"""Helpers for the script tests: tiny image folders made on the spot, and running a script in-process
+(fast: torch is imported once) or as a subprocess (to see exactly what a user sees)."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+IMG = 16                                              # every tiny run trains at 16x16
+
+# Per script: flags that make a model small enough for a CPU step to take milliseconds.
+# A new script joins every end-to-end test in test_scripts.py by adding a line here.
+TINY = {
+    "vanilla_gan.py": ["--hidden", "16", "--img-size", str(IMG), "--batch-size", "8"],
+    "dcgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
+}
+CONDITIONAL_SCRIPTS = set()                           # scripts that need one subfolder per class
+
+
+def load_script(name):
+    """Import a script as a module (once) so that tests can call its main(argv) and its functions."""
+    mod_name = "script_" + name[:-3]
+    if mod_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(mod_name, REPO / name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[mod_name]
+
+
+def run(script, *args):
+    """Run script's main() in this process with the tiny flags; SystemExit propagates."""
+    return load_script(script).main([*TINY[script], *map(str, args)])
+
+
+def run_subprocess(script_path, *args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(script_path), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def make_image(path, rng, size):
+    """A random picture: a coloured background with a bright rectangle, so images differ."""
+    w, h = size
+    img = np.zeros((h, w, 3), np.uint8) + rng.integers(0, 120, 3, dtype=np.uint8)
+    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+    img[y0:y0 + h // 2, x0:x0 + w // 2] = rng.integers(130, 256, 3, dtype=np.uint8)
+    Image.fromarray(img).save(path)
+
+
+def make_folder(root, n=12, classes=None, seed=0):
+    """n images of mixed sizes and formats under root (or under root/<class>/ for each class)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 30), (24, 48), (16, 16), (64, 64)]
+    folders = [Path(root) / c for c in classes] if classes else [Path(root)]
+    for k, folder in enumerate(folders):
+        (folder / "nested").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            sub = folder / "nested" if i % 3 == 0 else folder  # folders are searched recursively
+            make_image(sub / f"img{k}_{i}.{'png' if i % 2 else 'jpg'}", rng, sizes[i % len(sizes)])
+    return Path(root)
+
+
+def tensors_equal(a, b, path="ckpt"):
+    """Compare two checkpoint trees; returns a list of the places where they differ."""
+    if isinstance(a, torch.Tensor):
+        same = isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        return [] if same else [path]
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return [path]
+        return [d for k in a for d in tensors_equal(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return [path]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in tensors_equal(x, y, f"{path}[{i}]")]
+    return []                                        # plain values (args, step) are compared by the tests
