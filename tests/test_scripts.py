@@ -233,3 +233,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(script, tmp_path, mon
     msg = error_of(script, "--data", data, "--steps", 4, "--out", "out", "--device", "cpu", "--resume")
     assert "NaN/inf at step 3" in msg
     assert tensors_equal(load(tmp_path / "out" / "last.pt"), good) == []  # untouched
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_arguments_inside_a_notebook(script, monkeypatch):
+    """Jupyter starts the kernel with its own argv (-f kernel.json): a pasted script must use its defaults,
+    and main(["--steps", ...]) must still take flags."""
+    module = load_script(script)
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1234.json"])
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel", type(sys)("ipykernel")))
+    args = module.parse_args()
+    assert args.data == "mnist" and args.out.endswith(script[:-3])
+    assert module.parse_args(["--steps", "7"]).steps == 7
+    monkeypatch.delitem(sys.modules, "ipykernel")
+    with pytest.raises(SystemExit):                  # outside a notebook, the same argv is an error
+        module.parse_args()
