@@ -188,6 +188,9 @@ def main(argv=None):
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "mnist-mini": None}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+CLASS_NAMES = {"fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                                 "Bag", "Ankle boot"],      # label k of a named dataset is CLASS_NAMES[data][k]
+               "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
 MINI_FILE = Path("data") / "mnist-mini.npz"               # the first 10,000 MNIST training images, bundled
 DEFAULTS = {}                                              # each flag's default, filled by finish_args
 
@@ -337,8 +340,9 @@ def load_named(args):
     args.channels = args.channels or images.shape[1]
     args.img_size = args.img_size or SMALL_IMG_SIZE or images.shape[-1]
     images = resize_uint8(to_channels(images, args.channels), args.img_size)
-    classes = [str(c) for c in range(10)]
-    print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x{args.img_size}")
+    classes = CLASS_NAMES.get(args.data, [str(c) for c in range(10)])  # MNIST: the digits
+    print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x{args.img_size}"
+          + (f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""))
     return np.ascontiguousarray(images), labels.astype(np.int64), classes
 
 
@@ -450,13 +454,20 @@ def list_images(root):
 
     if not CONDITIONAL:
         return images_under(root), None, None
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    check(classes, f"{SCRIPT} needs one subfolder per class under {root} (e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)")
-    files, labels = [], []
-    for k, name in enumerate(classes):
-        found = images_under(root / name)
-        files += found
-        labels += [k] * len(found)
+    subfolders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = {name: images_under(root / name) for name in subfolders}
+    classes = [name for name in subfolders if found[name]]  # a subfolder without images is not a class
+    loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file() and p.name[0] != "."]
+    if not classes and not loose:
+        return [], [], []                                    # no images at all: load_folder says so
+    check(len(classes) >= 2, f"{SCRIPT} needs the images in one subfolder per class, at least two, under {root} "
+                             f"(e.g. {root}/cat/*.jpg, {root}/dog/*.jpg); found {len(classes)} such subfolders")
+    if loose:
+        warn(f"{len(loose)} images directly under {root} are in no class subfolder; they are not used")
+    if len(classes) < len(subfolders):
+        warn(f"subfolders without images are not classes: {', '.join(n for n in subfolders if not found[n])}")
+    files = [f for name in classes for f in found[name]]
+    labels = [k for k, name in enumerate(classes) for _ in found[name]]
     return files, labels, classes
 
 
