@@ -18,8 +18,15 @@ IMG = 16                                              # every tiny run trains at
 TINY = {
     "vanilla_gan.py": ["--hidden", "16", "--img-size", str(IMG), "--batch-size", "8"],
     "dcgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
+    "cgan.py": ["--ngf", "8", "--ndf", "8", "--embed-dim", "4", "--img-size", str(IMG), "--batch-size", "8"],
+    "acgan.py": ["--ngf", "8", "--ndf", "8", "--embed-dim", "4", "--img-size", str(IMG), "--batch-size", "8"],
+    "wgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8", "--n-critic", "2",
+                "--no-critic-warmup"],
+    "wgan_gp.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8", "--n-critic", "2"],
+    "lsgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
+    "ebgan.py": ["--ngf", "8", "--ndf", "8", "--code-dim", "8", "--img-size", str(IMG), "--batch-size", "8"],
 }
-CONDITIONAL_SCRIPTS = set()                           # scripts that need one subfolder per class
+CONDITIONAL_SCRIPTS = {"cgan.py", "acgan.py"}       # scripts that need one subfolder per class
 
 
 def load_script(name):

@@ -1,0 +1,207 @@
+"""What only the class-conditional scripts (cgan.py, acgan.py) do: labels from class subfolders and named
+datasets, one sample-grid row per class, the label changing G's output, --generate with and without
+--label, and every label the models ever see lying in range(n_classes). The generic end-to-end tests
+(outputs, exact resume, bad input, Ctrl-C, NaN) run on these scripts too, from test_scripts.py."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from common import CONDITIONAL_SCRIPTS, IMG, TINY, load_script, make_folder, run
+
+SCRIPTS = sorted(CONDITIONAL_SCRIPTS)
+PAD = 2                                              # torchvision's make_grid padding
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GAN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def classes_folder(tmp_path, names, n=2):
+    return make_folder(tmp_path / "images", n=n, classes=names)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def grid_rows_cols(path, size=IMG):
+    w, h = Image.open(path).size
+    return (h - PAD) // (size + PAD), (w - PAD) // (size + PAD)
+
+
+def trained_G(script, ckpt):
+    module = load_script(script)
+    args = module.parse_args(TINY[script])
+    for flag in module.ARCH_FLAGS:
+        setattr(args, flag, ckpt["args"][flag])
+    G = module.build_models(args)[0]
+    G.load_state_dict(ckpt["G"])
+    return G.eval()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_labels_follow_the_class_subfolders(script, tmp_path, capsys):
+    data = classes_folder(tmp_path, ["cat", "dog", "owl", "ant"])
+    (data / "empty_class").mkdir()                   # a subfolder without images is not a class
+    run(script, "--data", data, "--steps", 2, "--out", "out", "--device", "cpu")
+    captured = capsys.readouterr()
+    assert "4 classes: ant, cat, dog, owl" in captured.out        # printed, in sorted order
+    assert "empty_class" in captured.err
+    ckpt = load(tmp_path / "out" / "last.pt")
+    assert ckpt["classes"] == ["ant", "cat", "dog", "owl"]
+    assert ckpt["args"]["n_classes"] == 4
+    # the grid: one row per class, the same 8 noise vectors in every row
+    assert torch.equal(ckpt["fixed_labels"], torch.arange(4).repeat_interleave(8))
+    noise = ckpt["fixed_noise"].view(4, 8, -1)
+    assert all(torch.equal(noise[0], noise[r]) for r in range(4))
+    assert not torch.equal(noise[0, 0], noise[0, 1])
+    assert grid_rows_cols(tmp_path / "out" / "samples" / "000002.png") == (4, 8)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_grid_shows_the_first_ten_classes(script, tmp_path):
+    data = classes_folder(tmp_path, [f"c{k:02d}" for k in range(12)], n=1)
+    run(script, "--data", data, "--steps", 1, "--out", "out", "--device", "cpu")
+    ckpt = load(tmp_path / "out" / "last.pt")
+    assert len(ckpt["classes"]) == 12
+    assert torch.equal(ckpt["fixed_labels"], torch.arange(10).repeat_interleave(8))
+    assert grid_rows_cols(tmp_path / "out" / "samples" / "000001.png") == (10, 8)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_named_dataset_labels(script, tmp_path):
+    """MNIST's labels are the digits: the bundled subset trains with ten classes and a ten-row grid."""
+    run(script, "--data", "mnist-mini", "--steps", 1, "--out", "out", "--device", "cpu")
+    ckpt = load(tmp_path / "out" / "last.pt")
+    assert ckpt["classes"] == [str(d) for d in range(10)]
+    assert grid_rows_cols(tmp_path / "out" / "samples" / "000001.png") == (10, 8)
+
+
+def test_real_batches_keep_image_and_label_together():
+    module = load_script("cgan.py")
+    images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 2, 2).contiguous()
+    data = {"images": images, "labels": torch.arange(50) % 7, "classes": list("abcdefg"), "device": torch.device("cpu")}
+    x, y = module.sample_real(data, 200, with_labels=True)
+    index = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()  # undo the scaling to [-1, 1]
+    assert torch.equal(y, index % 7)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
+    """Training labels (real and fake), the grid's labels and --generate's labels all lie in range(n_classes),
+    and the fake labels cover that range."""
+    module = load_script(script)
+    seen = {"G": [], "D": []}
+    build = module.build_models
+
+    def recording_build(args):
+        G, D = build(args)
+        G.embed.register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[0].detach().clone()))
+        if hasattr(D, "label_map"):                  # cgan's D reads the label too
+            D.label_map.register_forward_pre_hook(lambda m, inp: seen["D"].append(inp[0].detach().clone()))
+        return G, D
+
+    monkeypatch.setattr(module, "build_models", recording_build)
+    data = classes_folder(tmp_path, ["a", "b", "c"])
+    run(script, "--data", data, "--steps", 6, "--out", "out", "--device", "cpu", "--sample-every", 3)
+    run(script, "--generate", 7, "--ckpt", tmp_path / "out" / "last.pt", "--out", "gen", "--device", "cpu")
+    g = torch.cat(seen["G"])
+    assert g.dtype == torch.long and g.min() >= 0 and g.max() <= 2
+    assert set(g.tolist()) == {0, 1, 2}
+    if seen["D"]:
+        d = torch.cat(seen["D"])
+        assert d.min() >= 0 and d.max() <= 2 and set(d.tolist()) == {0, 1, 2}
+    names = sorted(p.name for p in (tmp_path / "gen").glob("*.png"))
+    assert names == sorted(f"{i % 3}_{i:06d}.png" for i in range(7))  # labels cycle through the classes
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_label_changes_G_for_a_fixed_z(script, tmp_path):
+    data = classes_folder(tmp_path, ["a", "b", "c", "d"])
+    run(script, "--data", data, "--steps", 3, "--out", "out", "--device", "cpu")
+    ckpt = load(tmp_path / "out" / "last.pt")
+    G = trained_G(script, ckpt)
+    z = torch.randn(1, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        images = torch.cat([G(z, torch.tensor([k])) for k in range(4)])
+        again = G(z.repeat(4, 1), torch.arange(4))   # batched: the same images
+    assert torch.allclose(images, again, atol=1e-5)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert (images[a] - images[b]).abs().max() > 1e-3, (a, b)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_generate_with_label_writes_only_that_class(script, tmp_path):
+    data = classes_folder(tmp_path, ["a", "b", "c", "d", "e"])
+    run(script, "--data", data, "--steps", 2, "--out", "train", "--device", "cpu")
+    ckpt = tmp_path / "train" / "last.pt"
+    run(script, "--generate", 12, "--ckpt", ckpt, "--out", "gen3", "--device", "cpu", "--label", 3)
+    names = sorted(p.name for p in (tmp_path / "gen3").glob("*.png"))
+    assert names == [f"3_{i:06d}.png" for i in range(12)]
+    run(script, "--generate", 12, "--ckpt", ckpt, "--out", "all", "--device", "cpu")
+    labels = [int(p.name.split("_")[0]) for p in (tmp_path / "all").glob("*.png")]
+    assert sorted(labels) == sorted(i % 5 for i in range(12))
+
+
+def error_of(script, *args):
+    with pytest.raises(SystemExit) as e:
+        run(script, *args)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith(f"{script}: error: ") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_conditional_bad_input(script, tmp_path):
+    flat = make_folder(tmp_path / "flat", n=4)       # images, but no class subfolders
+    assert "one subfolder per class" in error_of(script, "--data", flat, "--steps", 1)
+    single = make_folder(tmp_path / "single", n=2, classes=["only"])  # one class is no condition
+    assert "at least two" in error_of(script, "--data", single, "--steps", 1)
+
+    data = classes_folder(tmp_path, ["a", "b", "c"])
+    run(script, "--data", data, "--steps", 2, "--out", "train", "--device", "cpu")
+    ckpt = tmp_path / "train" / "last.pt"
+    for bad in (3, -1):
+        assert "--label must be in 0..2" in error_of(script, "--generate", 2, "--ckpt", ckpt, "--label", bad)
+
+    other = make_folder(tmp_path / "other", n=2, classes=["x", "y", "z"])  # same count, other classes
+    msg = error_of(script, "--data", other, "--steps", 4, "--out", "train", "--resume", "--device", "cpu")
+    assert "trained on the classes a, b, c" in msg
+
+
+def test_acgan_heads_are_logits():
+    """D's class head feeds CrossEntropyLoss directly: no Softmax (or LogSoftmax) anywhere in D."""
+    module = load_script("acgan.py")
+    args = module.parse_args(TINY["acgan.py"] + ["--channels", "1"])
+    args.n_classes = 5
+    D = module.build_models(args)[1]
+    assert not any(isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Sigmoid)) for m in D.modules())
+    s, c = D(torch.randn(4, 1, IMG, IMG))
+    assert s.shape == (4,) and c.shape == (4, 5)
+
+
+def test_acgan_logs_class_accuracy(tmp_path):
+    data = classes_folder(tmp_path, ["a", "b", "c"])
+    run("acgan.py", "--data", data, "--steps", 4, "--out", "out", "--device", "cpu", "--log-every", 2)
+    rows = (tmp_path / "out" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "acc_real" in header and "acc_fake" in header
+    for row in rows[1:]:
+        values = dict(zip(header, row.split(",")))
+        assert 0 <= float(values["acc_real"]) <= 1 and 0 <= float(values["acc_fake"]) <= 1
+
+
+def test_cgan_D_depends_on_the_label():
+    module = load_script("cgan.py")
+    args = module.parse_args(TINY["cgan.py"] + ["--channels", "1"])
+    args.n_classes = 3
+    D = module.build_models(args)[1].eval()
+    x = torch.randn(1, 1, IMG, IMG)
+    with torch.no_grad():
+        logits = torch.cat([D(x, torch.tensor([k])) for k in range(3)])
+    assert len(set(np.round(logits.numpy(), 6).tolist())) == 3
