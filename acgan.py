@@ -94,6 +94,9 @@ class Generator(nn.Module):
     def __init__(self, latent_dim, n_classes, embed_dim, channels, img_size, ngf):
         super().__init__()
         self.embed = nn.Embedding(n_classes, embed_dim)
+        # small label codes, like the paper's one-hot class in z (norm 1 next to z's ~10): with N(0, 1)
+        # codes the label outweighs z at the start and G learns one image per class, ignoring z
+        nn.init.normal_(self.embed.weight, 0.0, 0.1)
         n = int(math.log2(img_size)) - 2                       # upsampling steps after the 4x4 start
         width = [ngf * min(2 ** i, 8) for i in reversed(range(n))]  # e.g. 32 px: 256, 128, 64
         layers = [nn.ConvTranspose2d(latent_dim + embed_dim, width[0], 4, 1, 0, bias=False),  # 1x1 -> 4x4
