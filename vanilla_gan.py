@@ -474,7 +474,7 @@ def cache_dir():
 
 def first_line(e):
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0].rstrip(':')}" if text else type(e).__name__
 
 
 # -------------------------------------------------------------------------------------- checkpoints
