@@ -10,7 +10,7 @@ P(S | X), whether the image is real, and P(C | X), its class. With the two log-l
 D maximises L_S + L_C and G maximises L_C - L_S (written below as the non-saturating form: G minimises
 BCE(S(G(z|c)), real) + CE(C(G(z|c)), c)). Both heads output logits: P(S) is a sigmoid inside
 BCEWithLogitsLoss, P(C) a softmax inside CrossEntropyLoss (never a Softmax layer before it). G is
-conditioned by concatenating a label embedding to z. The networks are DCGAN's (strided convolutions,
+conditioned as in the paper: the one-hot class vector is concatenated to z. The networks are DCGAN's (strided convolutions,
 BatchNorm, LeakyReLU in D, N(0, 0.02) weights, Adam(2e-4, 0.5)). The log shows D's class accuracy on
 real images (acc_real) and on G's images (acc_fake, "does G draw the asked class?").
 
@@ -50,7 +50,7 @@ from torchvision.utils import save_image
 
 SCRIPT = "acgan.py"
 CONDITIONAL = True                  # class labels: from the dataset, or one subfolder per class
-ARCH_FLAGS = ("img_size", "channels", "latent_dim", "ngf", "ndf", "embed_dim", "n_classes")  # taken from a checkpoint
+ARCH_FLAGS = ("img_size", "channels", "latent_dim", "ngf", "ndf", "n_classes")  # taken from a checkpoint
 SMALL_IMG_SIZE = 32                 # MNIST-like data (28 px) is resized to this ...
 PHOTO_IMG_SIZE = 64                 # ... and a folder of photos to this, unless --img-size says otherwise
 GRID_CLASSES, GRID_COLUMNS = 10, 8  # sample grids: one row per class (the first ten), the same z in each column
@@ -64,14 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=5000, help="generator updates")
     p.add_argument("--latent-dim", type=int, default=100, help="size of z (paper: 100 on CIFAR-10)")
-    p.add_argument("--embed-dim", type=int, default=50, help="size of G's label embedding, concatenated to z")
     p.add_argument("--ngf", type=int, default=64, help="G's width: channels of its last hidden layer")
     p.add_argument("--ndf", type=int, default=64, help="D's width: channels of its first layer")
     args = finish_args(p, argv)
     args.n_classes = None                                    # inferred from the data (or the checkpoint)
     check(args.img_size is None or args.img_size in (16, 32, 64, 128, 256),
           f"--img-size must be a power of two from 16 to 256, got {args.img_size}")
-    check(args.ngf >= 1 and args.ndf >= 1 and args.embed_dim >= 1, "--ngf, --ndf and --embed-dim must be positive")
+    check(args.ngf >= 1 and args.ndf >= 1, "--ngf and --ndf must be positive")
     return args
 
 
@@ -88,18 +87,20 @@ def init_weights(m):
 
 
 class Generator(nn.Module):
-    """G(z|c): [z, embed(c)] (latent_dim + embed_dim) x 1 x 1 -> 4x4 -> 8x8 -> ... -> img_size, each step
-    a stride-2 transposed convolution that doubles the size and halves the channels (DCGAN's layout)."""
+    """G(z|c): [z, one_hot(c)] (latent_dim + n_classes) x 1 x 1 -> 4x4 -> 8x8 -> ... -> img_size, each step
+    a stride-2 transposed convolution that doubles the size and halves the channels (DCGAN's layout).
 
-    def __init__(self, latent_dim, n_classes, embed_dim, channels, img_size, ngf):
+    The class enters as the paper's fixed one-hot vector (norm 1, next to z's norm of ~10), not as a
+    learned embedding. On MNIST, N(0, 1) embeddings outweighed z and G drew one image per class; small
+    learned ones sometimes let G settle on drawing another digit for a label (1s for label 5), a
+    convention that D's class loss on fakes then learns too. README, Results has the figures."""
+
+    def __init__(self, latent_dim, n_classes, channels, img_size, ngf):
         super().__init__()
-        self.embed = nn.Embedding(n_classes, embed_dim)
-        # small label codes, like the paper's one-hot class in z (norm 1 next to z's ~10): with N(0, 1)
-        # codes the label outweighs z at the start and G learns one image per class, ignoring z
-        nn.init.normal_(self.embed.weight, 0.0, 0.1)
+        self.n_classes = n_classes
         n = int(math.log2(img_size)) - 2                       # upsampling steps after the 4x4 start
         width = [ngf * min(2 ** i, 8) for i in reversed(range(n))]  # e.g. 32 px: 256, 128, 64
-        layers = [nn.ConvTranspose2d(latent_dim + embed_dim, width[0], 4, 1, 0, bias=False),  # 1x1 -> 4x4
+        layers = [nn.ConvTranspose2d(latent_dim + n_classes, width[0], 4, 1, 0, bias=False),  # 1x1 -> 4x4
                   nn.BatchNorm2d(width[0]), nn.ReLU(True)]
         for c_in, c_out in zip(width, width[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
@@ -107,7 +108,8 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z, labels):
-        h = torch.cat([z.view(z.size(0), -1), self.embed(labels)], dim=1)  # condition by concatenation
+        c = F.one_hot(labels, self.n_classes).to(z.dtype)   # class k -> [0, .., 1 (at k), .., 0]
+        h = torch.cat([z.view(z.size(0), -1), c], dim=1)     # condition by concatenation
         return self.net(h[:, :, None, None])
 
 
@@ -132,7 +134,7 @@ class Discriminator(nn.Module):
 
 
 def build_models(args):
-    G = Generator(args.latent_dim, args.n_classes, args.embed_dim, args.channels, args.img_size, args.ngf)
+    G = Generator(args.latent_dim, args.n_classes, args.channels, args.img_size, args.ngf)
     D = Discriminator(args.n_classes, args.channels, args.img_size, args.ndf)
     G.apply(init_weights)
     D.apply(init_weights)

@@ -66,15 +66,19 @@ def parse_args(argv=None):
 
 # %% Models
 class Generator(nn.Module):
-    """z -> hidden -> 2*hidden -> 4*hidden -> C*H*W pixels in [-1, 1] (tanh)."""
+    """z -> hidden -> 2*hidden -> 4*hidden -> C*H*W pixels in [-1, 1] (tanh).
+
+    BatchNorm on the two wider hidden layers, as in the widely used PyTorch-GAN gan.py: on MNIST it made
+    the ten digits appear more evenly and recognisably at the same step than the plain MLP of the notes
+    (README, Results). G runs in eval mode (running statistics) for sample grids and --generate."""
 
     def __init__(self, latent_dim, channels, img_size, hidden):
         super().__init__()
         self.shape = (channels, img_size, img_size)
         self.net = nn.Sequential(
             nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2, True),
-            nn.Linear(hidden, 2 * hidden), nn.LeakyReLU(0.2, True),
-            nn.Linear(2 * hidden, 4 * hidden), nn.LeakyReLU(0.2, True),
+            nn.Linear(hidden, 2 * hidden), nn.BatchNorm1d(2 * hidden), nn.LeakyReLU(0.2, True),
+            nn.Linear(2 * hidden, 4 * hidden), nn.BatchNorm1d(4 * hidden), nn.LeakyReLU(0.2, True),
             nn.Linear(4 * hidden, math.prod(self.shape)), nn.Tanh(),
         )
 

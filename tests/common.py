@@ -19,7 +19,7 @@ TINY = {
     "vanilla_gan.py": ["--hidden", "16", "--img-size", str(IMG), "--batch-size", "8"],
     "dcgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
     "cgan.py": ["--ngf", "8", "--ndf", "8", "--embed-dim", "4", "--img-size", str(IMG), "--batch-size", "8"],
-    "acgan.py": ["--ngf", "8", "--ndf", "8", "--embed-dim", "4", "--img-size", str(IMG), "--batch-size", "8"],
+    "acgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
     "wgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8", "--n-critic", "2",
                 "--no-critic-warmup"],
     "wgan_gp.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8", "--n-critic", "2"],

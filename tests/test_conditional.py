@@ -100,7 +100,7 @@ def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
 
     def recording_build(args):
         G, D = build(args)
-        G.embed.register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[0].detach().clone()))
+        G.register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[1].detach().clone()))  # G(z, labels)
         if hasattr(D, "label_map"):                  # cgan's D reads the label too
             D.label_map.register_forward_pre_hook(lambda m, inp: seen["D"].append(inp[0].detach().clone()))
         return G, D
