@@ -10,9 +10,9 @@ P(S | X), whether the image is real, and P(C | X), its class. With the two log-l
 D maximises L_S + L_C and G maximises L_C - L_S (written below as the non-saturating form: G minimises
 BCE(S(G(z|c)), real) + CE(C(G(z|c)), c)). Both heads output logits: P(S) is a sigmoid inside
 BCEWithLogitsLoss, P(C) a softmax inside CrossEntropyLoss (never a Softmax layer before it). G is
-conditioned as in the paper: the one-hot class vector is concatenated to z. The networks are DCGAN's (strided convolutions,
-BatchNorm, LeakyReLU in D, N(0, 0.02) weights, Adam(2e-4, 0.5)). The log shows D's class accuracy on
-real images (acc_real) and on G's images (acc_fake, "does G draw the asked class?").
+conditioned as in the paper: the one-hot class vector is concatenated to z. The networks are DCGAN's
+(strided convolutions, BatchNorm, LeakyReLU in D, N(0, 0.02) weights, Adam(2e-4, 0.5)). The log shows
+D's class accuracy on real images (acc_real) and on G's images (acc_fake, "does G draw the asked class?").
 
 Labels come from MNIST / Fashion-MNIST / CIFAR-10, or from a folder's first-level subfolders (one class
 each: ./pets/cat/*.jpg, ./pets/dog/*.jpg). The number of classes is inferred from the data.
