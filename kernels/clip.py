@@ -1,64 +1,81 @@
-"""Weight clipping of WGAN (Arjovsky et al. 2017): every critic parameter clamped to [-c, c] after each step.
+"""Weight clipping of WGAN (Arjovsky et al. 2017): every critic parameter clamped to [-c, c] after
+each critic step.
 
-Layout (Liger-Kernel style): the Triton kernel, its launch wrapper and the plain PyTorch fallback live in this
-file; `clip_weights_` picks one of the two paths (`impl`, the same switch as gradient_penalty).
-
-One launch per (device, dtype) group clamps all of its parameters. The kernel walks a table with one entry per
-block of BLOCK elements: where the block starts, as an int64 element offset from one of the group's parameters
-(the "anchor", passed as an ordinary pointer argument), and how many elements it holds. The table is built
-once and cached on the device; it is rebuilt when the parameter list or any data pointer changes.
+Read in this order: `clip_weights_` (the public op), the PyTorch reference, then the Triton path.
+One launch per (device, dtype) group clamps all of its parameters. The kernel walks a table with an
+entry per block of BLOCK elements: where the block starts, as an int64 element offset from one of
+the group's parameters (the "anchor", an ordinary pointer argument), and how many elements it
+holds. The table is built once and cached on the device: a call makes no host-to-device copy. It is
+rebuilt when the parameter list or a data pointer changes.
 """
-from __future__ import annotations   # the kernel's `tl.constexpr` annotations stay strings: no Triton, no error
-
 import contextlib
 import operator
 import weakref
 
 import torch
 
-from .gradient_penalty import _INTERPRET, _first_use, _jit, _use_triton, tl, triton
+from ._dispatch import INTERPRET, first_use, jit, tl, use_triton
 
 
-# %% Triton kernel
-@_jit
-def _clip_kernel(anchor_ptr, block_start_ptr, block_count_ptr, bounds_ptr, BLOCK: tl.constexpr,
-                 ALIGN: tl.constexpr):
-    pid = tl.program_id(0)
-    # Every block starts on a 16-byte boundary (checked on the host): the hint lets full blocks use 128-bit
-    # loads and stores although the start is read from memory.
-    start = tl.multiple_of(tl.load(block_start_ptr + pid), ALIGN)
-    count = tl.load(block_count_ptr + pid)
-    lo = tl.load(bounds_ptr)                 # bounds in the parameter dtype: a float64 c stays exact
-    hi = tl.load(bounds_ptr + 1)
-    ptrs = anchor_ptr + start + tl.arange(0, BLOCK)
-    # torch.clamp semantics: NaN stays NaN (comparisons with NaN are false), max(min(...)) order.
-    if count == BLOCK:                       # full block: no mask, so the accesses vectorise
-        x = tl.load(ptrs)
-        x = tl.where(x < lo, lo, x)
-        x = tl.where(x > hi, hi, x)
-        tl.store(ptrs, x)
-    else:                                    # the last block of a parameter
-        mask = tl.arange(0, BLOCK) < count
-        x = tl.load(ptrs, mask=mask)
-        x = tl.where(x < lo, lo, x)
-        x = tl.where(x > hi, hi, x)
-        tl.store(ptrs, x, mask=mask)
+def clip_weights_(params, c, impl="auto"):
+    """WGAN weight clipping: clamp every floating-point parameter to [-c, c] in place; returns None.
+
+    params: an iterable of tensors, e.g. critic.parameters() (a generator is fine); tensors that are
+            not floating point are left alone.
+    c:      the bound (WGAN: 0.01).
+    impl:   "auto" (default): the Triton kernel for CUDA tensors when Triton works, one launch per
+            (device, dtype), else the PyTorch reference (`p.clamp_(-c, c)` under no_grad);
+            "triton": the kernel (CPU tensors only under TRITON_INTERPRET=1); "torch": the
+            reference. GAN_KERNELS=torch makes "auto" take the reference everywhere.
+    The result is bit-equal to torch.clamp; the bounds are converted to the parameter dtype once, as
+    clamp_ does. A non-contiguous (or not 16-byte aligned) parameter is clamped with clamp_.
+    """
+    params = list(params)
+    c = float(c)
+    if impl == "torch" or (impl == "auto" and not (params and params[0].is_cuda)):
+        return _clip_torch_([p for p in params if p.is_floating_point()], c)
+    plan = _plan_for(params)
+    launched = False
+    for group in plan.groups:
+        if group.strided:
+            _clip_torch_([params[i] for i in group.strided], c)
+        if not group.dense:
+            continue
+        if group.device.type == "cuda" and INTERPRET and impl == "triton":
+            raise RuntimeError("clip_weights_: impl='triton' under TRITON_INTERPRET=1 works on CPU "
+                               "tensors only")
+        if use_triton(impl, params[group.dense[0]], "clip_weights_"):
+            first_use(("clip_weights_", group.dtype), ("clip_weights_", group.dtype), impl,
+                      lambda: _launch(params, group, c),
+                      lambda: _clip_torch_([params[i] for i in group.dense], c))
+            launched = True
+        else:
+            _clip_torch_([params[i] for i in group.dense], c)
+    if launched:
+        _bump_versions(params)
 
 
-# GPU: 4096 elements per program with 8 warps (16 per thread: four 128-bit accesses in float32); the
-# interpreter pays per program, so there a block is 64 Ki elements.
-BLOCK = 1 << 16 if _INTERPRET else 4096
+# %% The PyTorch reference
+@torch.no_grad()
+def _clip_torch_(tensors, c):
+    for p in tensors:
+        p.clamp_(-c, c)
+
+
+# %% The Triton path: the table of blocks, cached per parameter list, then the kernel
+# GPU: 4096 elements per program with 8 warps (16 per thread: four 128-bit accesses in float32);
+# the interpreter pays per program, so there a block is 64 Ki elements.
+BLOCK = 1 << 16 if INTERPRET else 4096
 NUM_WARPS = 8
 
 
-# %% The table of blocks, cached per parameter list
 class _Group:
-    """The parameters of one (device, dtype): `dense` are clamped by the kernel, `strided` with clamp_."""
+    """The parameters of one (device, dtype): `dense` ones go to the kernel, `strided` to clamp_."""
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
         self.dense, self.strided = [], []     # indices into the parameter list
-        self.table = None                     # (anchor index, block starts, block counts), built at first launch
+        self.table = None                     # (anchor index, block starts, block counts)
         self.c, self.bounds = None, None
 
     def build_table(self, params):
@@ -73,7 +90,7 @@ class _Group:
                       torch.tensor(counts, dtype=torch.int32, device=self.device))
 
     def bounds_for(self, c):
-        if self.c != c:                       # one small host-to-device copy when c changes, not every step
+        if self.c != c:                       # one small copy when c changes, not every step
             self.c, self.bounds = c, torch.tensor([-c, c], dtype=self.dtype, device=self.device)
         return self.bounds
 
@@ -86,9 +103,10 @@ class _Plan:
             if not p.is_floating_point() or p.numel() == 0:
                 continue
             group = groups.setdefault((p.device, p.dtype), _Group(p.device, p.dtype))
-            # Clamping is elementwise, so any dense layout can be walked as a flat array; the 16-byte start
-            # keeps the kernel's alignment hint true (the caching allocator gives 512).
-            dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+            # Clamping is elementwise, so any dense layout can be walked as a flat array; a 16-byte
+            # aligned start keeps the kernel's alignment hint true (the caching allocator gives 512)
+            dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(
+                memory_format=torch.channels_last))
             (group.dense if dense and p.data_ptr() % 16 == 0 else group.strided).append(i)
         self.groups = list(groups.values())
 
@@ -101,9 +119,9 @@ _MAX_PLANS = 8
 
 
 def _plan_for(params):
-    # Keyed by every data pointer (a moved, re-allocated or swapped `.data` gives a new plan) and checked
-    # against the parameter objects themselves (a new model whose tensors reuse the freed addresses of an old
-    # one, e.g. in another dtype, must not inherit its table).
+    # Keyed by every data pointer (a moved, re-allocated or swapped `.data` gives a new plan) and
+    # checked against the parameter objects themselves (a new model whose tensors reuse the freed
+    # addresses of an old one, e.g. in another dtype, must not inherit its table).
     key = tuple(map(torch.Tensor.data_ptr, params))
     plan = _plans.get(key)
     if plan is None or not plan.is_for(params):
@@ -117,7 +135,7 @@ def _bump_versions(tensors):
     # The kernel writes behind autograd's back; tell autograd, as an in-place torch op would.
     try:
         torch.autograd.graph.increment_version(tensors)
-    except TypeError:                         # older torch: one tensor at a time
+    except (TypeError, RuntimeError):         # older torch: one tensor at a time
         for t in tensors:
             torch.autograd.graph.increment_version(t)
 
@@ -126,53 +144,33 @@ def _launch(params, group, c):
     if group.table is None:
         group.build_table(params)
     anchor, starts, counts = group.table
-    with torch.cuda.device(group.device) if group.device.type == "cuda" else contextlib.nullcontext():
+    cuda = group.device.type == "cuda"
+    with torch.cuda.device(group.device) if cuda else contextlib.nullcontext():
         _clip_kernel[(starts.numel(),)](params[anchor], starts, counts, group.bounds_for(c),
-                                        BLOCK=BLOCK, ALIGN=max(1, 16 // params[anchor].element_size()),
-                                        num_warps=NUM_WARPS)
+                                        BLOCK=BLOCK, num_warps=NUM_WARPS,
+                                        ALIGN=max(1, 16 // params[anchor].element_size()))
 
 
-# %% Public op: one signature and one docstring for both paths
-@torch.no_grad()
-def _clamp_all_(tensors, c):
-    for p in tensors:
-        p.clamp_(-c, c)
-
-
-def clip_weights_(params, c, impl="auto"):
-    """WGAN weight clipping: clamp every floating-point parameter to [-c, c], in place; returns None.
-
-    params: an iterable of tensors, e.g. critic.parameters() (a generator is fine). Non-floating tensors are
-            left alone.
-    c:      the clipping bound (WGAN: 0.01).
-    impl:   "auto" (default): the Triton kernel for CUDA tensors when Triton works, one launch per
-            (device, dtype), else the PyTorch fallback (`p.clamp_(-c, c)` under no_grad); a kernel that fails
-            at first use warns once and the fallback takes over.
-            "triton": force the kernel (on CPU tensors only under TRITON_INTERPRET=1, Triton's interpreter).
-            "torch": force the fallback.
-            The environment variable GAN_KERNELS=torch makes "auto" take the fallback everywhere; it does not
-            override an explicit impl="triton".
-    The result is bit-equal to torch.clamp. The bounds are converted to the parameter dtype once, as clamp_
-    does. A non-contiguous (or not 16-byte aligned) parameter is clamped with clamp_ rather than copied.
-    """
-    params = list(params)
-    c = float(c)
-    if impl == "torch" or (impl == "auto" and not (params and params[0].is_cuda)):
-        return _clamp_all_([p for p in params if p.is_floating_point()], c)   # plain path, no table needed
-    plan = _plan_for(params)
-    launched = False
-    for group in plan.groups:
-        if group.strided:
-            _clamp_all_([params[i] for i in group.strided], c)
-        if not group.dense:
-            continue
-        if group.device.type == "cuda" and _INTERPRET and impl == "triton":
-            raise RuntimeError("clip_weights_: impl='triton' under TRITON_INTERPRET=1 works on CPU tensors only")
-        if _use_triton(impl, params[group.dense[0]], "clip_weights_"):
-            _first_use(("clip_weights_", group.dtype), ("clip_weights_", group.dtype), impl,
-                       lambda: _launch(params, group, c), lambda: _clamp_all_([params[i] for i in group.dense], c))
-            launched = True
-        else:
-            _clamp_all_([params[i] for i in group.dense], c)
-    if launched:
-        _bump_versions(params)
+@jit
+def _clip_kernel(anchor_ptr, block_start_ptr, block_count_ptr, bounds_ptr, BLOCK: tl.constexpr,
+                 ALIGN: tl.constexpr):
+    pid = tl.program_id(0)
+    # Every block starts on a 16-byte boundary (checked on the host): the hint lets full blocks use
+    # 128-bit loads and stores although the start is read from memory.
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), ALIGN)
+    count = tl.load(block_count_ptr + pid)
+    lo = tl.load(bounds_ptr)                 # bounds in the parameter dtype: float64 c stays exact
+    hi = tl.load(bounds_ptr + 1)
+    ptrs = anchor_ptr + start + tl.arange(0, BLOCK)
+    # torch.clamp semantics: NaN stays NaN (comparisons with NaN are false), max(min(...)) order.
+    if count == BLOCK:                       # a full block: no mask, so the accesses vectorise
+        x = tl.load(ptrs)
+        x = tl.where(x < lo, lo, x)
+        x = tl.where(x > hi, hi, x)
+        tl.store(ptrs, x)
+    else:                                    # the last block of a parameter
+        mask = tl.arange(0, BLOCK) < count
+        x = tl.load(ptrs, mask=mask)
+        x = tl.where(x < lo, lo, x)
+        x = tl.where(x > hi, hi, x)
+        tl.store(ptrs, x, mask=mask)
