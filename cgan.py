@@ -5,69 +5,48 @@ The GAN game with both players told the class label y:
     D maximises   E_(x,y)[log D(x|y)] + E_(z,y)[log(1 - D(G(z|y)|y))]
     G maximises   E_(z,y)[log D(G(z|y)|y)]                  (the non-saturating G loss)
 
-Conditioning is concatenation: G reads [z, embed(y)]; D reads the image with one more input channel,
-a learned img_size x img_size map for y. D must then judge "a real image of class y", so G has to draw
-the asked class, not just any plausible image. The networks are DCGAN's (strided convolutions,
-BatchNorm, LeakyReLU in D, N(0, 0.02) weights, Adam(2e-4, 0.5)); BCE is taken on logits.
+Conditioning is concatenation: G reads [z, embed(y)]; D reads the image with one more input
+channel, a learned img_size x img_size map for y. D must then judge "a real image of class y", so G
+has to draw the asked class, not just any plausible image. The networks are DCGAN's (strided
+convolutions, BatchNorm, LeakyReLU in D, N(0, 0.02) weights, Adam(2e-4, 0.5)); BCE is on logits.
 
-Labels come from MNIST / Fashion-MNIST / CIFAR-10, or from a folder's first-level subfolders (one class
-each: ./pets/cat/*.jpg, ./pets/dog/*.jpg). The number of classes is inferred from the data.
+Labels come from MNIST / Fashion-MNIST / CIFAR-10, or from a folder's first-level subfolders (one
+class each: ./pets/cat/*.jpg, ./pets/dog/*.jpg). The number of classes is inferred from the data.
 
-    python cgan.py                               # MNIST, 32x32; one row per digit in the sample grids
+    python cgan.py                               # MNIST, 32x32; a row per digit in the grids
     python cgan.py --data ./pets                 # a folder with one subfolder per class, 64x64
     python cgan.py --resume                      # continue runs/cgan/last.pt
-    python cgan.py --generate 100 --ckpt runs/cgan/last.pt            # 0_000000.png, 1_000001.png, ...
+    python cgan.py --generate 100 --ckpt runs/cgan/last.pt            # 0_000000.png, ...
     python cgan.py --generate 100 --ckpt runs/cgan/last.pt --label 3  # only class 3
 """
 # %% Imports
-import argparse
-import csv
-import gzip
-import hashlib
 import math
-import os
-import signal
-import struct
-import sys
-import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from PIL import Image, ImageDraw, ImageOps
-from torchvision import transforms
-from torchvision.utils import save_image
 
-SCRIPT = "cgan.py"
-CONDITIONAL = True                  # class labels: from the dataset, or one subfolder per class
-ARCH_FLAGS = ("img_size", "channels", "latent_dim", "ngf", "ndf", "embed_dim", "n_classes")  # taken from a checkpoint
-SMALL_IMG_SIZE = 32                 # MNIST-like data (28 px) is resized to this ...
-PHOTO_IMG_SIZE = 64                 # ... and a folder of photos to this, unless --img-size says otherwise
-GRID_CLASSES, GRID_COLUMNS = 10, 8  # sample grids: one row per class (the first ten), the same z in each column
+SCRIPT, CONDITIONAL = "cgan.py", True   # the name checkpoints carry; labels: datasets', subfolders
+SMALL_IMG_SIZE, PHOTO_IMG_SIZE = 32, 64  # default sizes: MNIST-like data (28 px), folders of photos
+GRID_CLASSES, GRID_COLUMNS = 10, 8       # grids: a row per class (the first ten), a z per column
 
 
 # %% Flags: the paper's defaults (the networks are DCGAN's)
 def parse_args(argv=None):
     p = make_parser(__doc__)
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (DCGAN: 0.0002)")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam betas (DCGAN: beta1 = 0.5)")
+    p.add_argument("--betas", type=float, nargs=2, default=(0.5, 0.999),
+                   help="Adam betas (DCGAN: beta1 = 0.5)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=5000, help="generator updates")
     p.add_argument("--latent-dim", type=int, default=100, help="size of z (paper: 100)")
-    p.add_argument("--embed-dim", type=int, default=50, help="size of G's label embedding, concatenated to z")
-    p.add_argument("--ngf", type=int, default=64, help="G's width: channels of its last hidden layer")
+    p.add_argument("--embed-dim", type=int, default=50, help="G's label embedding's size")
+    p.add_argument("--ngf", type=int, default=64, help="G's width: its last hidden layer's")
     p.add_argument("--ndf", type=int, default=64, help="D's width: channels of its first layer")
-    args = finish_args(p, argv)
-    args.n_classes = None                                    # inferred from the data (or the checkpoint)
-    check(args.img_size is None or args.img_size in (16, 32, 64, 128, 256),
-          f"--img-size must be a power of two from 16 to 256, got {args.img_size}")
-    check(args.ngf >= 1 and args.ndf >= 1 and args.embed_dim >= 1, "--ngf, --ndf and --embed-dim must be positive")
+    args = parse(p, argv)
+    args.n_classes = None                     # from the data (or the checkpoint)
+    check(args.img_size in (None, 16, 32, 64, 128, 256), "--img-size must be 16, 32, ..., 256")
+    check(0 < min(args.ngf, args.ndf, args.embed_dim) and max(args.ngf, args.ndf) <= 4096,
+          "--ngf and --ndf must be in 1..4096, --embed-dim positive")
     return args
 
 
@@ -82,39 +61,53 @@ def init_weights(m):
 
 
 class Generator(nn.Module):
-    """G(z|y): [z, embed(y)] (latent_dim + embed_dim) x 1 x 1 -> 4x4 -> 8x8 -> ... -> img_size, each step
-    a stride-2 transposed convolution that doubles the size and halves the channels (DCGAN's layout)."""
+    """G(z|y): DCGAN's generator on [z, embed(y)]; each step a stride-2 transposed convolution.
+
+        [z, embed(y)]  (latent_dim + embed_dim) x 1 x 1
+        -> 4x4         4 ngf          (32 px; at 64 px the first layer has 8 ngf)
+        -> 8x8         2 ngf
+        -> 16x16       ngf
+        -> 32x32       channels, tanh
+    """
 
     def __init__(self, latent_dim, n_classes, embed_dim, channels, img_size, ngf):
         super().__init__()
         self.embed = nn.Embedding(n_classes, embed_dim)
-        n = int(math.log2(img_size)) - 2                       # upsampling steps after the 4x4 start
-        width = [ngf * min(2 ** i, 8) for i in reversed(range(n))]  # e.g. 32 px: 256, 128, 64
-        layers = [nn.ConvTranspose2d(latent_dim + embed_dim, width[0], 4, 1, 0, bias=False),  # 1x1 -> 4x4
-                  nn.BatchNorm2d(width[0]), nn.ReLU(True)]
+        n = int(math.log2(img_size)) - 2                       # upsampling steps after 4x4
+        width = [ngf * min(2 ** i, 8) for i in reversed(range(n))]  # 32 px: 4, 2, 1 x ngf
+        layers = [nn.ConvTranspose2d(latent_dim + embed_dim, width[0], 4, 1, 0, bias=False),
+                  nn.BatchNorm2d(width[0]), nn.ReLU(True)]   # 1x1 -> 4x4
         for c_in, c_out in zip(width, width[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
-        layers += [nn.ConvTranspose2d(width[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]  # no BN at G's output
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(width[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z, labels):
-        h = torch.cat([z.view(z.size(0), -1), self.embed(labels)], dim=1)  # condition by concatenation
+        h = torch.cat([z.view(z.size(0), -1), self.embed(labels)], dim=1)  # concatenation
         return self.net(h[:, :, None, None])
 
 
 class Discriminator(nn.Module):
-    """D(x|y): the image plus one channel that is a learned map of the label, then DCGAN's discriminator:
-    stride-2 convolutions down to 4x4 and one 4x4 convolution to a single logit (sigmoid lives in the loss)."""
+    """D(x|y): the image plus one channel, a learned map of the label, then DCGAN's discriminator.
+
+        [x, map(y)]    (channels + 1) x 32 x 32
+        -> 16x16       ndf            (no BatchNorm at D's input)
+        -> 8x8         2 ndf
+        -> 4x4         4 ndf
+        -> 1x1         1 logit; the sigmoid lives in BCEWithLogitsLoss
+    """
 
     def __init__(self, n_classes, channels, img_size, ndf):
         super().__init__()
         self.img_size = img_size
-        self.label_map = nn.Embedding(n_classes, img_size * img_size)  # y -> one img_size x img_size channel
+        self.label_map = nn.Embedding(n_classes, img_size * img_size)  # y -> one image channel
         n = int(math.log2(img_size)) - 2
-        width = [ndf * min(2 ** i, 8) for i in range(n)]       # e.g. 32 px: 64, 128, 256
-        layers = [nn.Conv2d(channels + 1, width[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # no BN at input
+        width = [ndf * min(2 ** i, 8) for i in range(n)]       # 32 px: 1, 2, 4 x ndf
+        layers = [nn.Conv2d(channels + 1, width[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(width, width[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
         layers += [nn.Conv2d(width[-1], 1, 4, 1, 0, bias=False)]  # 4x4 -> 1x1
         self.net = nn.Sequential(*layers)
 
@@ -124,99 +117,82 @@ class Discriminator(nn.Module):
 
 
 def build_models(args):
-    G = Generator(args.latent_dim, args.n_classes, args.embed_dim, args.channels, args.img_size, args.ngf)
+    G = Generator(args.latent_dim, args.n_classes, args.embed_dim, args.channels, args.img_size,
+                  args.ngf)
     D = Discriminator(args.n_classes, args.channels, args.img_size, args.ndf)
     G.apply(init_weights)
     D.apply(init_weights)
     return G, D
 
 
-# %% Training
-def main(argv=None):
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    torch.manual_seed(args.seed)
-    if args.generate:
-        return generate(args, device)
+# %% Training: the paper's algorithm (run, defined below, owns data, checkpoints and logs)
+def train(run):
+    args, device = run.args, run.device
+    args.n_classes = len(run.data["classes"])
+    G, D = [net.to(device) for net in build_models(args)]
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=args.betas, fused=run.fused)
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=args.betas, fused=run.fused)
+    rows = min(args.n_classes, GRID_CLASSES)  # sample grids: row r draws class r, column c uses z_c
+    fixed = (torch.randn(GRID_COLUMNS, args.latent_dim, device=device).repeat(rows, 1),
+             torch.arange(rows, device=device).repeat_interleave(GRID_COLUMNS))
+    G, D = run.start(G, D, opt_G, opt_D, fixed)   # --resume, real.png
+    bce = nn.BCEWithLogitsLoss()              # BCE on logits: -[t log D + (1-t) log(1-D)]
+    ones = torch.ones(args.batch_size, device=device)     # the target "real"
+    zeros = torch.zeros(args.batch_size, device=device)   # the target "fake"
 
-    ckpt = load_resume_checkpoint(args, device)              # None for a fresh run
-    data = load_data(args, device)                           # uint8 images and int64 labels on the device
-    classes = data["classes"]
-    if ckpt is not None:
-        check(ckpt["classes"] == classes, f"the checkpoint was trained on the classes {', '.join(ckpt['classes'])}; "
-                                          f"this data has {', '.join(classes)}")
-    args.n_classes = len(classes)
-    G, D = build_models(args)
-    G, D = G.to(device), D.to(device)
-    fused = device.type == "cuda"                            # one kernel for the whole Adam update
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=tuple(args.betas), fused=fused)
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=tuple(args.betas), fused=fused)
-    rows = min(args.n_classes, GRID_CLASSES)                 # sample grid: row r draws class r ...
-    fixed_noise = torch.randn(GRID_COLUMNS, args.latent_dim, device=device).repeat(rows, 1)  # ... column c z_c
-    fixed_labels = torch.arange(rows, device=device).repeat_interleave(GRID_COLUMNS)
+    for step in run.steps():                  # Ctrl-C: finish this step, save, exit
+        real, real_labels = run.real_batch()
+        z = torch.randn(args.batch_size, args.latent_dim, device=device)
+        fake_labels = torch.randint(args.n_classes, (args.batch_size,), device=device)  # y ~ U
 
-    nets = {"G": G, "D": D, "opt_G": opt_G, "opt_D": opt_D}
-    start, extra = restore(ckpt, nets, device)
-    fixed_noise = extra.get("fixed_noise", fixed_noise)
-    fixed_labels = extra.get("fixed_labels", fixed_labels)
-    G_fast, D_fast, autocast = fast_paths(args, device, G, D)
-    bce = nn.BCEWithLogitsLoss()                             # BCE on logits: -[t log D + (1-t) log(1-D)]
-    ones = torch.ones(args.batch_size, device=device)        # the target "real"
-    zeros = torch.zeros(args.batch_size, device=device)      # the target "fake"
+        # (1) Update D: maximise log D(x|y) + log(1 - D(G(z|y')|y'))
+        with run.autocast:
+            fake = G(z, fake_labels)
+            d_real = D(real, real_labels)
+            d_fake = D(fake.detach(), fake_labels)    # detach: this step must not change G
+            loss_D = bce(d_real, ones) + bce(d_fake, zeros)
+        opt_D.zero_grad(set_to_none=True)
+        loss_D.backward()
+        opt_D.step()
 
-    def checkpoint(step):
-        return {**state_dicts(nets), "step": step, "fixed_noise": fixed_noise, "fixed_labels": fixed_labels,
-                "classes": classes}
+        # (2) Update G: maximise log D(G(z|y')|y'), i.e. minimise -log D(G(z|y')|y')
+        with run.autocast:
+            loss_G = bce(D(fake, fake_labels), ones)
+        opt_G.zero_grad(set_to_none=True)
+        loss_G.backward()
+        opt_G.step()
 
-    def sample_grid():
-        with torch.no_grad(), autocast:
-            return G_fast(fixed_noise, fixed_labels)
-
-    log = TrainLog(args, ["loss_D", "loss_G", "D_x", "D_G_z"], args.batch_size, start)
-    print_run_header(args, device, data, {"G": G, "D": D}, start)
-    with StopOnSignal() as stop:
-        for step in range(start + 1, args.steps + 1):
-            real, real_labels = sample_real(data, args.batch_size, with_labels=True)
-            z = torch.randn(args.batch_size, args.latent_dim, device=device)
-            fake_labels = torch.randint(args.n_classes, (args.batch_size,), device=device)  # y ~ U{0..n-1}
-
-            # (1) Update D: maximise log D(x|y) + log(1 - D(G(z|y')|y'))
-            with autocast:
-                fake = G_fast(z, fake_labels)
-                d_real = D_fast(real, real_labels)
-                d_fake = D_fast(fake.detach(), fake_labels)  # detach: this step must not change G
-                loss_D = bce(d_real, ones) + bce(d_fake, zeros)
-            opt_D.zero_grad(set_to_none=True)
-            loss_D.backward()
-            opt_D.step()
-
-            # (2) Update G: maximise log D(G(z|y')|y'), i.e. minimise -log D(G(z|y')|y') (non-saturating)
-            with autocast:
-                loss_G = bce(D_fast(fake, fake_labels), ones)
-            opt_G.zero_grad(set_to_none=True)
-            loss_G.backward()
-            opt_G.step()
-
-            stats = torch.stack([loss_D, loss_G, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()])
-            end_of_step(args, step, stats, log, stop, checkpoint, sample_grid, G)
+        run.log(loss_D=loss_D, loss_G=loss_G, D_x=d_real.sigmoid().mean(),
+                D_G_z=d_fake.sigmoid().mean())
 
 
-# %% Plumbing shared by every script ==================================================================
-# Everything below this line is the same in every script of the repository (tests/test_shared_code.py
-# checks it), so that each file stays self-contained: data, checkpoints, sample grids, logging, errors.
-# ====================================================================================================
+# %% Plumbing shared by every script ==============================================================
+# The same in every script down to the end marker: data, checkpoints, logs, errors, Ctrl-C. The
+# source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
+import argparse, csv, gzip, hashlib, os, shlex, shutil, signal, struct, sys, time  # noqa: E401
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
 
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "mnist-mini": None}
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-CLASS_NAMES = {"fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                                 "Bag", "Ankle boot"],      # label k of a named dataset is CLASS_NAMES[data][k]
-               "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
-MINI_FILE = Path("data") / "mnist-mini.npz"               # the first 10,000 MNIST training images, bundled
-DEFAULTS = {}                                              # each flag's default, filled by finish_args
+import numpy as np
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageDraw, ImageOps
+from torchvision.utils import save_image
+
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10",
+            "mnist-mini": ""}
+CLASSES = {"fashion-mnist": "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,"
+                            "Ankle boot",
+           "cifar10": "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IPYTHON = sys.modules.get("IPython")    # a Jupyter kernel (Colab, Kaggle): argv is the kernel's
+NOTEBOOK = IPYTHON is not None and hasattr(IPYTHON.get_ipython(), "kernel")  # and errors print
+OWN_FLAGS = {"resume", "generate", "ckpt", "label", "device", "out", "given", "argv"}  # not resumed
 
 
 def fail(msg):
-    """Bad input ends the program with one line on stderr and exit status 1, never a traceback."""
+    """Bad input: one line on stderr and exit status 1, never a traceback."""
     raise SystemExit(f"{SCRIPT}: error: {msg}")
 
 
@@ -229,547 +205,590 @@ def warn(msg):
     print(f"{SCRIPT}: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def why(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:200]
+
+
+def main(argv=None):
+    """The command line's and a notebook's entry. In a notebook an error is one printed line and
+    main() returns, so that the next cell still runs."""
+    run = None
+    try:
+        args = parse_args(argv)
+        if args.generate:
+            return generate(args)
+        run = Run(args)
+        return train(run.open())
+    except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C before the loop, twice
+        code = getattr(e, "code", 130)
+    finally:
+        if run:
+            run.close()
+    if not NOTEBOOK:
+        raise SystemExit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+
+
+# %% Flags shared by every script
 def make_parser(doc):
-    p = argparse.ArgumentParser(prog=SCRIPT, description=doc.split("\n\n")[0],
+    p = argparse.ArgumentParser(SCRIPT, description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = fail                                           # argparse's own errors: one line too
-    g = p.add_argument_group("data and outputs (the same in every script)")
-    g.add_argument("--data", default="mnist",
-                   help="mnist, fashion-mnist, cifar10, mnist-mini, or a folder of images (searched recursively)")
-    g.add_argument("--data-root", default="./data", help="where named datasets are found or downloaded")
-    g.add_argument("--img-size", type=int, default=None,
-                   help=f"output resolution (default {SMALL_IMG_SIZE} for MNIST-like data, {PHOTO_IMG_SIZE} for folders)")
-    g.add_argument("--channels", type=int, default=None, choices=(1, 3), help="default: the data's")
-    g.add_argument("--out", default=None, help="output folder (default runs/<script name>)")
-    g.add_argument("--sample-every", type=int, default=500, help="steps between sample grids")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log lines")
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from <out>/last.pt, or from the checkpoint given")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
-    g.add_argument("--compile", action="store_true", help="torch.compile G and D (CUDA only)")
-    g.add_argument("--generate", type=int, default=None, metavar="N",
-                   help="write N images from --ckpt into --out, then exit")
-    g.add_argument("--ckpt", default=None, help="checkpoint for --generate (default <out>/last.pt)")
-    if CONDITIONAL:
-        g.add_argument("--label", type=int, default=None, help="with --generate: draw only this class")
+    p.error = fail                                          # argparse's own errors: one line too
+    g = p.add_argument_group("shared by every script").add_argument
+    g("--data", default="mnist", help="mnist, fashion-mnist, cifar10, mnist-mini, or a folder")
+    g("--data-root", default="./data", help="where named datasets are found or downloaded")
+    g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} for MNIST-like data, "
+                                   f"{PHOTO_IMG_SIZE} for a folder")
+    g("--channels", type=int, choices=(1, 3), help="default: the data's")
+    g("--out", help="output folder (default: runs/<script name>)")
+    g("--sample-every", type=int, default=500, help="steps between sample grids")
+    g("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
+    g("--log-every", type=int, default=50, help="steps between log lines")
+    g("--resume", nargs="?", const="", metavar="PATH", help="continue <out>/last.pt, or PATH")
+    g("--seed", type=int, default=0)
+    g("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    g("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    g("--compile", action="store_true", help="torch.compile G and D (CUDA)")
+    g("--generate", type=int, metavar="N", help="write N images from --ckpt into --out, then exit")
+    g("--ckpt", help="the checkpoint for --generate (default: <out>/last.pt)")
+    g("--label", type=int, help="with --generate in cgan.py, acgan.py: draw only this class")
     return p
 
 
-def finish_args(p, argv):
-    """Parse, then check the flags every script shares. Inside Jupyter, sys.argv holds the kernel's
-    own arguments, so a notebook gets the defaults (or whatever list it passes to main())."""
-    if argv is None and "ipykernel" in sys.modules:
-        argv = []
-    args = p.parse_args(argv)
-    DEFAULTS.update({flag: p.get_default(flag) for flag in vars(args)})
-    args.out = args.out or str(Path("runs") / SCRIPT[:-3])
-    for flag in ("steps", "batch_size", "latent_dim", "sample_every", "ckpt_every", "log_every"):
-        value = getattr(args, flag)
-        check(value >= 1, f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+def parse(p, argv):
+    """Parse and check the shared flags. args.given names the flags given: on --resume and
+    --generate the others come from the checkpoint."""
+    argv = [str(a) for a in (argv if argv is not None else [] if NOTEBOOK else sys.argv[1:])]
+    unset = object()
+    defaults = {a.dest: unset for a in p._actions if a.default != argparse.SUPPRESS}
+    args = p.parse_args(argv, argparse.Namespace(**defaults))
+    given = {k for k, v in vars(args).items() if v is not unset}
+    for k in set(vars(args)) - given:
+        setattr(args, k, p.get_default(k))
+    args.given, args.argv, args.betas = sorted(given), argv, tuple(args.betas)
+    args.out = args.out or f"runs/{SCRIPT[:-3]}"
+    for k in ("steps", "batch_size", "latent_dim", "sample_every", "ckpt_every", "log_every"):
+        n = getattr(args, k)
+        check(0 < n <= 2 ** 31, f"--{k.replace('_', '-')} must be a positive integer, got {n}")
+    check(args.batch_size <= 65536, "--batch-size must be at most 65536")
+    check(0 <= args.seed < 2 ** 63, f"--seed must be in 0..2^63-1, got {args.seed}")
     check(args.lr > 0, f"--lr must be positive, got {args.lr}")
     check(all(0 <= b < 1 for b in args.betas), f"--betas must lie in [0, 1), got {args.betas}")
-    check(args.generate is None or args.generate >= 1, f"--generate must be positive, got {args.generate}")
+    check((args.generate or 1) > 0, f"--generate must be positive, got {args.generate}")
+    check(args.ckpt is None or args.generate, "--ckpt goes with --generate; to train on, --resume")
+    check(args.label is None or CONDITIONAL and args.generate,
+          "--label goes with --generate, in cgan.py and acgan.py")
     return args
 
 
 def pick_device(name):
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    check(name != "cuda" or torch.cuda.is_available(), "--device cuda, but CUDA is not available on this machine")
-    check(name != "mps" or torch.backends.mps.is_available(), "--device mps, but MPS is not available on this machine")
-    if name == "cuda":
-        torch.backends.cudnn.benchmark = True                # pick the fastest conv algorithms once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        mps = torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    check(name != "cuda" or torch.cuda.is_available(), "--device cuda, but CUDA is not available")
+    check(name != "mps" or torch.backends.mps.is_available(), "--device mps, but no MPS here")
+    torch.backends.cudnn.benchmark = True                   # CUDA: the fastest convolutions, once
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
-def fast_paths(args, device, *nets):
-    """--compile and --amp: faster on CUDA, the same math. Returns the (maybe compiled) nets and an
-    autocast context; the plain modules stay what is saved in checkpoints."""
-    if args.compile and device.type != "cuda":
-        print(f"--compile: torch.compile is used on CUDA only; running eagerly on {device.type}")
-    elif args.compile:
-        nets = tuple(torch.compile(net) for net in nets)
-    if args.amp and device.type != "cuda":
-        print(f"--amp: bf16 autocast is used on CUDA only; running in float32 on {device.type}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and device.type == "cuda" else nullcontext()
-    return (*nets, autocast)
+def writable(out):
+    """Say in one line, before anything slow starts, when --out cannot be written to."""
+    parent = next(p for p in (out, *out.resolve().parents) if p.exists())
+    check(parent.is_dir() and os.access(parent, os.W_OK), f"--out {out}: cannot write there "
+                                                          f"({parent} is not a writable folder)")
 
 
-# ---------------------------------------------------------------------------------------------- data
+def claim(out, lock=True):
+    """Create --out, then lock it, so that two runs never write one folder. The operating system
+    frees the lock when a process ends."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a")
+        if lock and os.name == "posix":                      # (Windows: no lock)
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"another run is writing to {out}; wait for it to end, or give another --out")
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({why(e)})")
+    return f
+
+
+# %% Data
 def load_data(args, device):
-    """Returns {"images": uint8 (N, C, H, W), "labels": int64 (N,) or None, "classes": list or None},
-    kept on the training device when it fits, so a batch is an index into it, not a DataLoader."""
-    if args.data in DATASETS:
-        images, labels, classes = load_named(args)
-    else:
-        images, labels, classes = load_folder(args)
-    images = torch.from_numpy(images)
-    labels = torch.from_numpy(labels).long() if labels is not None else None
-    if device.type == "cuda" and images.numel() > 0.5 * torch.cuda.mem_get_info(device)[0]:
-        warn("the images do not fit in half of the free GPU memory; sampling them from host memory")
-        images = images.pin_memory()
-    else:
-        images = images.to(device)
-        labels = labels.to(device) if labels is not None else None
-    return {"images": images, "labels": labels, "classes": classes, "device": device}
+    """uint8 images (N, C, H, W), int64 labels (cgan.py, acgan.py) and class names, kept on the
+    training device when they fit, so that a batch is an index into them, not a DataLoader."""
+    images, labels, classes = load_named(args) if args.data in DATASETS else load_folder(args)
+    about = f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""
+    print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x"
+          f"{args.img_size}{about}")
+    if device.type == "cuda" and images.numel() > torch.cuda.mem_get_info(device)[0] / 2:
+        warn("the images fill over half of the free GPU memory; sampling them from host memory")
+        images, device = images.pin_memory(), torch.device("cpu")
+    labels = labels.to(device) if CONDITIONAL else None
+    return {"images": images.to(device), "labels": labels, "classes": classes}
 
 
-def sample_real(data, batch_size, with_labels=False):
-    """A batch of random training images as floats in [-1, 1] (tanh's range), drawn on the device."""
-    images, labels = data["images"], data["labels"]
-    idx = torch.randint(0, images.size(0), (batch_size,), device=images.device)
-    x = images[idx].to(data["device"], non_blocking=True).float().div_(127.5).sub_(1.0)
-    if with_labels:
-        return x, labels[idx].to(data["device"], non_blocking=True)
-    return x
+def sample_real(data, batch_size, device, with_labels=False):
+    """Random training images as floats in [-1, 1] (tanh's range), indexed on the device."""
+    idx = torch.randint(0, len(data["images"]), (batch_size,), device=data["images"].device)
+    x = data["images"][idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return (x, data["labels"][idx].to(device)) if with_labels else x
 
 
 def load_named(args):
-    """MNIST / Fashion-MNIST / CIFAR-10 through torchvision; the IDX files of MNIST-like data are read
-    directly when they are already on disk, also gzipped or in a read-only folder (Kaggle inputs)."""
+    """MNIST, Fashion-MNIST, CIFAR-10 via torchvision; IDX files on disk are read where they lie,
+    gzipped or not (also read-only). Offline, MNIST falls back to the bundled mnist-mini."""
     root = Path(args.data_root).expanduser()
     if args.data == "mnist-mini":
         images, labels = load_mini()
-    elif args.data in ("mnist", "fashion-mnist"):
-        raw = root / DATASETS[args.data] / "raw"
-        found = find_idx(raw, "train-images-idx3-ubyte"), find_idx(raw, "train-labels-idx1-ubyte")
-        if all(found):
-            images, labels = read_idx(found[0]), read_idx(found[1])
-        else:
-            try:
-                ds = download(args.data, root)
-                images, labels = ds.data.numpy(), ds.targets.numpy()
-            except Exception as e:                           # offline, proxy, read-only root, ...
-                if args.data != "mnist":
-                    fail(f"{args.data} is not under {root} and could not be downloaded ({first_line(e)})")
-                warn(f"MNIST is not under {root} and could not be downloaded ({first_line(e)}); "
-                     f"training on the bundled 10,000-image subset (--data mnist-mini)")
-                images, labels = load_mini()
     else:
+        images, labels = read_idx(root / DATASETS[args.data] / "raw") or download(args.data, root)
+    x = torch.from_numpy(images[:, None] if images.ndim == 3 else images)  # MNIST: add C
+    args.channels = args.channels or x.shape[1]
+    args.img_size = args.img_size or SMALL_IMG_SIZE or x.shape[-1]
+    x = torch.cat([fit(chunk, args.channels, args.img_size) for chunk in x.split(8192)])
+    classes = CLASSES.get(args.data, "0,1,2,3,4,5,6,7,8,9").split(",")
+    return x, torch.from_numpy(labels).long(), classes
+
+
+def fit(x, channels, size):
+    """uint8 (N, C, H, W) to `channels` (grey repeated, colour to luminance) and size x size."""
+    x = x.float()
+    if x.shape[1] != channels:
+        x = x.expand(-1, 3, -1, -1) if channels == 3 else TF.rgb_to_grayscale(x)
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def read_idx(raw):
+    """MNIST's IDX files: 0, 0, 0x08 (bytes), the number of dims, big-endian sizes, the data."""
+    arrays = []
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        path = next((p for p in (raw / stem, raw / f"{stem}.gz") if p.is_file()), None)
+        if path is None:
+            check(not arrays, f"{raw} holds the images but no {stem}")
+            return None
         try:
-            ds = download(args.data, root)
-        except Exception as e:
-            fail(f"{args.data} is not under {root} and could not be downloaded ({first_line(e)})")
-        images, labels = ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)  # NHWC -> NCHW
-    images = images[:, None] if images.ndim == 3 else images  # MNIST: (N, 28, 28) -> (N, 1, 28, 28)
-    args.channels = args.channels or images.shape[1]
-    args.img_size = args.img_size or SMALL_IMG_SIZE or images.shape[-1]
-    images = resize_uint8(to_channels(images, args.channels), args.img_size)
-    classes = CLASS_NAMES.get(args.data, [str(c) for c in range(10)])  # MNIST: the digits
-    print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x{args.img_size}"
-          + (f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""))
-    return np.ascontiguousarray(images), labels.astype(np.int64), classes
+            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+                b = f.read()
+            shape = struct.unpack(f">{b[3]}I", b[4:4 + 4 * b[3]])
+            arrays.append(np.frombuffer(b, np.uint8, offset=4 + 4 * b[3]).reshape(shape).copy())
+            if b[:3] != b"\0\0\x08" or shape[0] == 0:
+                raise ValueError("not an IDX file of bytes, or empty")
+        except Exception as e:                              # not gzip, truncated, ...
+            fail(f"{path} is not a complete IDX file ({why(e)}); delete it to download it again")
+    check(len(arrays[0]) == len(arrays[1]), f"{raw}: {len(arrays[0])} images but {len(arrays[1])} "
+                                            f"labels; delete both files to download them again")
+    return arrays
 
 
 def download(name, root):
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
-           "cifar10": torchvision.datasets.CIFAR10}[name]
-    return cls(str(root), train=True, download=True)
+    made = [d for d in (root, root / DATASETS[name]) if not d.exists()]
+    try:
+        ds = getattr(torchvision.datasets, DATASETS[name])(str(root), train=True, download=True)
+        images = np.asarray(ds.data)
+        images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images  # NHWC to NCHW
+        return images, np.asarray(ds.targets)
+    except Exception as e:                                  # offline, a proxy, a read-only root
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)      # leave no empty folder or partial file
+        check(name == "mnist", f"{name} is not under {root} and could not be downloaded ({why(e)})")
+        return load_mini(f"MNIST is not under {root} and could not be downloaded ({why(e)})")
 
 
-def find_idx(folder, stem):
-    for path in (folder / stem, folder / f"{stem}.gz"):
+def load_mini(offline=""):
+    """data/mnist-mini.npz: the first 10,000 MNIST training images, shipped with the scripts.
+    offline: why MNIST itself could not be had (--data mnist falls back to this, with a warning)."""
+    here = [Path(__file__).resolve().parent] if "__file__" in globals() else []  # not in notebooks
+    for path in [folder / "data" / "mnist-mini.npz" for folder in here + [Path.cwd()]]:
         if path.is_file():
-            return path
-    return None
-
-
-def read_idx(path):
-    """The IDX format of MNIST: 2 zero bytes, a type byte, the number of dims, big-endian dims, data."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()  # writable
-
-
-def load_mini():
-    here = Path(globals().get("__file__", SCRIPT)).resolve().parent
-    for path in (here / MINI_FILE, Path.cwd() / MINI_FILE):
-        if path.is_file():
+            if offline:
+                warn(f"{offline}; training on the bundled 10,000-image subset (--data mnist-mini)")
             with np.load(path) as f:
                 return f["images"], f["labels"]
-    fail(f"the bundled MNIST subset {MINI_FILE} is not next to {SCRIPT}; copy it from the repository")
-
-
-def to_channels(images, channels):
-    """uint8 (N, C, H, W) to 1 or 3 channels: grey is repeated, colour becomes luminance (ITU-R 601)."""
-    if images.shape[1] == channels:
-        return images
-    if channels == 3:
-        return np.repeat(images, 3, axis=1)
-    luma = np.tensordot(np.array([0.299, 0.587, 0.114]), images.astype(np.float32), axes=([0], [1]))
-    return luma.round().clip(0, 255).astype(np.uint8)[:, None]
-
-
-def resize_uint8(images, size, chunk=8192):
-    """Resize (N, C, H, W) uint8 to size x size once, at load time (e.g. MNIST's 28 px to 32)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    out = []
-    for i in range(0, len(images), chunk):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + chunk])).float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(x.round().clamp(0, 255).to(torch.uint8).numpy())
-    return np.concatenate(out)
+    call = 'main(["--data", "/path/to/images"])' if NOTEBOOK else "--data PATH"
+    fail(f"{offline or 'no MNIST'}, and the bundled data/mnist-mini.npz is not next to {SCRIPT}; "
+         f"train on your own images: {call}")
 
 
 def load_folder(args):
-    """Every image under the folder (recursively), short side resized and centre-cropped to img_size.
-    Decoded once: the result is cached outside the data folder (which may be read-only), so the next
-    run on the same files starts in seconds. Conditional scripts take each first-level subfolder as a class."""
+    """Every image under the folder (recursively; not the outputs of runs), short side resized and
+    centre-cropped to --img-size. Decoded once, cached outside the folder (it may be read-only).
+    In cgan.py and acgan.py each first-level subfolder is a class."""
     root = Path(args.data).expanduser()
-    check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name ({', '.join(DATASETS)})")
+    check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
+                         f"({', '.join(DATASETS)})")
     check(root.is_dir(), f"--data {args.data} is a file; give the folder that holds the images")
-    args.img_size = args.img_size or PHOTO_IMG_SIZE
-    args.channels = args.channels or 3
-    files, labels, classes = list_images(root)
-    check(files, f"no images ({' '.join(sorted(IMAGE_EXTS))}) under {root}")
-
-    stats = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha1(repr((str(root.resolve()), args.img_size, args.channels, stats)).encode()).hexdigest()[:16]
-    cache = cache_dir() / f"{root.resolve().name}-{args.img_size}px-{args.channels}ch-{key}.npz"
-    t0 = time.time()
-    if cache.is_file():
-        with np.load(cache) as f:
-            images, keep, first_bad = f["images"], f["keep"], str(f["first_bad"])
-        print(f"data: {len(images)} images from the decode cache {cache} ({time.time() - t0:.1f} s)")
-    else:
-        size, mode = args.img_size, "RGB" if args.channels == 3 else "L"
-        with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-            decoded = list(pool.map(lambda f: decode_image(f, size, mode), files))
-        keep = np.array([isinstance(d, np.ndarray) for d in decoded])
-        check(keep.any(), f"none of the {len(files)} images under {root} could be read ({decoded[0]})")
-        first_bad = next((d for d in decoded if not isinstance(d, np.ndarray)), "")
-        images = np.stack([d for d in decoded if isinstance(d, np.ndarray)])
-        images = images[..., None] if images.ndim == 3 else images
-        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # NHWC -> NCHW
-        print(f"data: decoded {len(images)} images under {root} in {time.time() - t0:.1f} s")
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images, keep=keep, first_bad=first_bad)
-            os.replace(tmp, cache)
-            print(f"data: cached at {cache}; the next run on these files skips decoding")
-        except OSError as e:
-            warn(f"could not write the decode cache {cache} ({e}); the next run decodes again")
+    args.img_size, args.channels = args.img_size or PHOTO_IMG_SIZE, args.channels or 3
+    runs = {Path(args.out).resolve(), *(lock.parent.resolve() for lock in root.rglob(".lock"))}
+    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file()
+                   and "/." not in "/" + f.relative_to(root).as_posix()   # no hidden files
+                   and runs.isdisjoint(f.resolve().parents))              # nor runs' outputs
+    check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
+    name = f"{root.resolve().name}-{digest(root.resolve())}-{args.img_size}px-{args.channels}ch"
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    cache = cache_dir() / f"{name}-{digest(stats)}.npz"     # a changed file: a new cache
+    images, keep = read_cache(cache)
+    if images is None:
+        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:  # PIL decodes, GIL released
+            decoded = list(pool.map(lambda f: decode_image(f, args.img_size, args.channels), files))
+        keep = np.array([not isinstance(d, str) for d in decoded])
+        check(keep.any(), f"none of the {len(files)} images under {root} is readable: {decoded[0]}")
+        images = np.ascontiguousarray(np.stack([d for d in decoded if not isinstance(d, str)]))
+        write_cache(cache, name, images=images, keep=keep)
     if not keep.all():
-        warn(f"skipped {(~keep).sum()} of {len(files)} images that could not be read (first: {first_bad})")
-    labels = np.asarray(labels)[keep] if labels is not None else None
-    print(f"data: {len(images)} images of {args.channels}x{args.img_size}x{args.img_size}"
-          + (f", {len(classes)} classes: {', '.join(classes)}" if classes else ""))
-    return images, labels, classes
-
-
-def list_images(root):
-    def images_under(folder):
-        return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                      and not any(part.startswith(".") for part in p.relative_to(root).parts))
-
+        warn(f"skipped {(~keep).sum()} of {len(files)} images that could not be read "
+             f"(the first: {files[keep.argmin()].name})")
     if not CONDITIONAL:
-        return images_under(root), None, None
-    subfolders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    found = {name: images_under(root / name) for name in subfolders}
-    classes = [name for name in subfolders if found[name]]  # a subfolder without images is not a class
-    loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file() and p.name[0] != "."]
-    if not classes and not loose:
-        return [], [], []                                    # no images at all: load_folder says so
-    check(len(classes) >= 2, f"{SCRIPT} needs the images in one subfolder per class, at least two, under {root} "
-                             f"(e.g. {root}/cat/*.jpg, {root}/dog/*.jpg); found {len(classes)} such subfolders")
-    if loose:
-        warn(f"{len(loose)} images directly under {root} are in no class subfolder; they are not used")
-    if len(classes) < len(subfolders):
-        warn(f"subfolders without images are not classes: {', '.join(n for n in subfolders if not found[n])}")
-    files = [f for name in classes for f in found[name]]
-    labels = [k for k, name in enumerate(classes) for _ in found[name]]
-    return files, labels, classes
+        return torch.from_numpy(images), None, None
+    parts = [f.relative_to(root).parts for f, k in zip(files, keep) if k]  # readable images only
+    classes = sorted({p[0] for p in parts if len(p) > 1})
+    check(len(classes) > 1, f"{SCRIPT} needs the images in one subfolder per class, at least two, "
+                            f"under {root} (e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)")
+    in_class = np.array([len(p) > 1 for p in parts])
+    others = {d.name for d in root.iterdir() if d.is_dir() and d.name[0] != "."} - set(classes)
+    if others or not in_class.all():
+        warn(f"not used: {(~in_class).sum()} images outside class subfolders; the subfolders "
+             f"without readable images: {', '.join(sorted(others)) or 'none'}")
+    labels = torch.tensor([classes.index(p[0]) for p in parts if len(p) > 1])
+    return torch.from_numpy(images[in_class]), labels, classes
 
 
-def decode_image(path, size, mode):
-    """One file -> uint8 (H, W[, C]) array, or the reason it could not be read (then it is skipped)."""
+def decode_image(path, size, channels):
+    """One file -> uint8 (C, H, W), or why it cannot be read (it is then skipped)."""
+    mode = "RGB" if channels == 3 else "L"
     try:
         with Image.open(path) as img:
-            img.draft(mode, (size, size))                    # JPEG: decode at a reduced scale, much faster
-            img = ImageOps.exif_transpose(img).convert(mode)
-            img = transforms.CenterCrop(size)(transforms.Resize(size)(img))  # short side to size, centre crop
-            return np.asarray(img, dtype=np.uint8)
-    except Exception as e:                                   # truncated, not an image, unsupported, ...
-        return f"{path.name}: {first_line(e)}"
+            img.draft(mode, (size, size))                   # JPEG: decode at a smaller scale
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):                    # 16-bit grey: to 8 bits, not clipped
+                img = Image.fromarray((np.asarray(img) / 257).round().clip(0, 255).astype(np.uint8))
+            img = TF.center_crop(TF.resize(img.convert(mode), size), size)  # short side, centre
+            return np.asarray(img, np.uint8).reshape(size, size, -1).transpose(2, 0, 1)
+    except Exception as e:                                  # truncated, not an image, ...
+        return f"{path.name}: {why(e)}"
+
+
+def digest(value):
+    return hashlib.sha1(repr(value).encode()).hexdigest()[:12]
 
 
 def cache_dir():
-    return Path(os.environ.get("GAN_CACHE_DIR") or Path.home() / ".cache" / "gan-scripts").expanduser()
+    return Path(os.environ.get("GAN_CACHE_DIR") or Path.home() / ".cache/gan-scripts").expanduser()
 
 
-def first_line(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0].rstrip(':')}" if text else type(e).__name__
+def read_cache(cache):
+    try:
+        with np.load(cache) as f:
+            images, keep = f["images"], f["keep"]
+        print(f"data: {len(images)} images from the decode cache {cache}")
+        return images, keep
+    except FileNotFoundError:
+        return None, None
+    except Exception as e:                                  # truncated, or not a cache at all
+        warn(f"the decode cache {cache} is damaged ({why(e)}); decoding again")
+        return None, None
 
 
-# -------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(state, path):
-    """Write to a temporary file, then rename: a crash or Ctrl-C mid-write never leaves a broken last.pt."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def write_cache(cache, name, **arrays):
+    """Atomically, as the only cache of this folder at this size: older ones are removed."""
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, cache)
+        for old in cache.parent.iterdir():                  # and partial writes of killed runs
+            if (old != cache and old.name.lstrip(".").startswith(name + "-")
+                    and (old.suffix == ".npz" or time.time() - old.stat().st_mtime > 3600)):
+                old.unlink(missing_ok=True)
+        print(f"data: decoded once, cached at {cache}")
+    except OSError as e:
+        warn(f"could not write the decode cache {cache} ({why(e)}); the next run decodes again")
+    finally:
+        tmp.unlink(missing_ok=True)                         # also after Ctrl-C or SIGTERM
 
 
-def load_checkpoint(path, device):
-    path = Path(path)
+# %% Checkpoints and --generate
+def load_checkpoint(path, args, device):
+    """A checkpoint of this script, loaded safely (tensors and plain data only). The flags not given
+    on the command line come from it, so --resume and --generate need no repeated flags."""
     check(path.is_file(), f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain data only
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a checkpoint that can be loaded safely ({first_line(e)})")
-    check(isinstance(ckpt, dict) and "script" in ckpt, f"{path} is not a checkpoint of these scripts")
+        fail(f"{path} is not a checkpoint that can be loaded safely ({why(e)})")
+    check(isinstance(ckpt, dict) and "script" in ckpt, f"{path} is not a checkpoint of this repo")
     check(ckpt["script"] == SCRIPT, f"{path} was written by {ckpt['script']}, not by {SCRIPT}")
+    for k, v in ckpt["args"].items():
+        if k not in args.given and k not in OWN_FLAGS:
+            setattr(args, k, tuple(v) if isinstance(v, list) else v)
     return ckpt
 
 
-def adopt_arch_flags(args, ckpt):
-    """The model's shape comes from the checkpoint, so --resume and --generate need no repeated flags."""
-    for flag in ARCH_FLAGS:
-        theirs = ckpt["args"].get(flag)
-        if getattr(args, flag) not in (None, theirs, DEFAULTS.get(flag)):  # given, and different
-            warn(f"--{flag.replace('_', '-')} {getattr(args, flag)} ignored: the checkpoint has {theirs}")
-        setattr(args, flag, theirs)
+def load_state(obj, state, name):
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"the checkpoint's {name} does not fit this model ({why(e)})")
 
 
-def load_resume_checkpoint(args, device):
-    if args.resume is None:
-        return None
-    ckpt = load_checkpoint(Path(args.out) / "last.pt" if args.resume == "auto" else args.resume, device)
-    adopt_arch_flags(args, ckpt)
-    check(ckpt["step"] < args.steps, f"the checkpoint is at step {ckpt['step']}; pass --steps larger than that")
-    return ckpt
+def save_atomic(state, path):
+    """A temporary file, then a rename: a crash, Ctrl-C or full disk never leaves a broken file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                    # (a full disk: RuntimeError in torch)
+        fail(f"could not write {path} ({why(e)}); the previous checkpoint is kept")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def state_dicts(nets):
-    """Everything that is needed to continue exactly: weights, optimizer moments, RNG streams, flags."""
-    state = {k: v.state_dict() for k, v in nets.items()}
-    state["rng"] = {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    return state
-
-
-def restore(ckpt, nets, device):
-    """Load a checkpoint into the models and optimizers; returns (step, the rest of the checkpoint)."""
-    if ckpt is None:
-        return 0, {}
-    for name, obj in nets.items():
-        try:
-            obj.load_state_dict(ckpt[name])
-        except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"the checkpoint's {name} does not fit this model ({first_line(e)})")
-    torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-    if device.type == "cuda" and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-    print(f"resumed from step {ckpt['step']}")
-    return ckpt["step"], ckpt
-
-
-# -------------------------------------------------------------------------------- sampling and logs
-def save_grid(images, path, nrow=8):
-    """A grid of images in [-1, 1] as one PNG (torchvision's make_grid + save_image)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float(), path, nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-
-
-def generate(args, device):
-    """--generate N: N images from the checkpoint's G, one PNG each, named <index>.png
-    (conditional scripts: <label>_<index>.png, labels cycling through the classes or fixed by --label)."""
-    ckpt = load_checkpoint(args.ckpt or Path(args.out) / "last.pt", device)
-    adopt_arch_flags(args, ckpt)
-    G = build_models(args)[0].to(device)
-    G.load_state_dict(ckpt["G"])
-    G.eval()
+def generate(args):
+    """--generate N: N images from the checkpoint's G as <index>.png (conditional scripts:
+    <label>_<index>.png, the labels cycling through the classes, or all --label)."""
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    ckpt = load_checkpoint(Path(args.ckpt or Path(args.out, "last.pt")), args, device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if CONDITIONAL:
-        n_classes = len(ckpt["classes"])
-        check(args.label is None or 0 <= args.label < n_classes,
-              f"--label must be in 0..{n_classes - 1}, got {args.label}")
+    claim(out, lock=False).close()
+    G = build_models(args)[0].to(device).eval()
+    load_state(G, ckpt["G"], "G")
+    n = len(ckpt.get("classes") or [0])
+    check(args.label is None or 0 <= args.label < n, f"--label must be in 0..{n - 1}")
     with torch.no_grad():
         for first in range(0, args.generate, 256):
             index = torch.arange(first, min(first + 256, args.generate))
             z = torch.randn(len(index), args.latent_dim, device=device)
-            if CONDITIONAL:
-                labels = torch.full_like(index, args.label) if args.label is not None else index % n_classes
-                images = G(z, labels.to(device))
-            else:
-                images = G(z)
-            for i, img in zip(index.tolist(), images):
-                name = f"{labels[i - first].item()}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png"
-                save_image(img.float(), out / name, normalize=True, value_range=(-1, 1))
+            labels = index % n if args.label is None else torch.full_like(index, args.label)
+            images = G(z, labels.to(device)) if CONDITIONAL else G(z)
+            for i, label, image in zip(index.tolist(), labels.tolist(), images):
+                name = f"{label}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png"
+                save_image(image.float(), out / name, normalize=True, value_range=(-1, 1))
     print(f"wrote {args.generate} images to {out}")
 
 
-def print_run_header(args, device, data, nets, start):
-    sizes = ", ".join(f"{k} {sum(p.numel() for p in v.parameters()) / 1e6:.2f}M params" for k, v in nets.items())
-    print(f"{SCRIPT}: {device.type}, {sizes}, steps {start + 1}..{args.steps}, batch {args.batch_size}, out {args.out}")
-    out = Path(args.out)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    pick = torch.randperm(data["images"].size(0), generator=torch.Generator().manual_seed(0))[:64]
-    save_grid(data["images"][pick.to(data["images"].device)].float() / 127.5 - 1, out / "real.png")
+def save_grid(images, path):
+    """Images in [-1, 1] as one PNG, 8 to a row (torchvision's make_grid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float(), path, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
 
 
-class TrainLog:
-    """Averages the per-step numbers over --log-every steps without a host sync per step, writes
-    log.csv and a loss-curve picture, prints a progress line, and notices NaN/inf losses."""
+# %% The run: everything around the paper's loop
+class Run:
+    """What train() needs besides the paper: the device, --out and its lock, the data, --resume, the
+    fixed noise of the sample grids, the log, checkpoints, NaN/inf checks, Ctrl-C and SIGTERM."""
 
-    def __init__(self, args, names, images_per_step, start):
-        self.args, self.names, self.images_per_step = args, names, images_per_step
-        self.path = Path(args.out) / "log.csv"
-        self.sum, self.count, self.bad_step = None, 0, None
-        self.start_time = self.t0 = time.time()
-        self.steps_since = 0
-        last = Path(args.out) / "last.pt"
-        self.last_good = last if last.is_file() else None
-        rows = []
-        if start and self.path.is_file():                    # resuming: keep the rows up to the checkpoint
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if int(r[0]) <= start]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerows([["step", *names, "img_per_s", "elapsed_s"], *rows])
-        self.elapsed0 = float(rows[-1][-1]) if rows else 0.0
+    def __init__(self, args):
+        self.args, self.handlers, self.lock = args, {}, None
+        self.stopping = self.training = False
 
-    def add(self, step, stats):
-        stats = stats.detach().float()
-        finite = torch.isfinite(stats).all()
-        if self.sum is None:
-            self.sum = torch.zeros_like(stats)
-            self.bad_step = torch.full((), -1, dtype=torch.long, device=stats.device)
-        self.sum += stats
-        self.count += 1
-        self.steps_since += 1
-        # remember the first step whose numbers were not finite, still without waiting for the GPU
-        self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, torch.full_like(self.bad_step, step))
-
-    def check_finite(self):
-        if self.bad_step is not None and self.bad_step.item() >= 0:
-            kept = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
-            fail(f"loss became NaN/inf at step {self.bad_step.item()}; stopping ({kept}). "
-                 f"Try a lower --lr, or drop --amp")
-
-    def write(self, step):
-        self.check_finite()
-        mean = (self.sum / self.count).tolist()
-        dt = time.time() - self.t0
-        ips = self.steps_since * self.images_per_step / dt
-        elapsed = self.elapsed0 + time.time() - self.start_time
-        left = (self.args.steps - step) * dt / self.steps_since
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([step, *(f"{v:.5g}" for v in mean), f"{ips:.1f}", f"{elapsed:.1f}"])
-        values = " ".join(f"{n} {v:.3f}" for n, v in zip(self.names, mean))
-        print(f"[{step:>{len(str(self.args.steps))}}/{self.args.steps}] {values} | {ips:,.0f} img/s | "
-              f"{format_time(left)} left", flush=True)
-        self.sum.zero_()
-        self.count, self.steps_since, self.t0 = 0, 0, time.time()
-
-    def plot(self):
-        """log.csv as a line chart (loss.png), drawn with PIL so that no plotting package is needed."""
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if len(rows) < 2:
-            return
-        W, H, pad = 800, 420, 60
-        img = Image.new("RGB", (W, H), "white")
-        draw = ImageDraw.Draw(img)
-        steps = [float(r["step"]) for r in rows]
-        series = {n: [float(r[n]) for r in rows] for n in self.names}
-        lo, hi = min(min(v) for v in series.values()), max(max(v) for v in series.values())
-        hi = hi if hi > lo else lo + 1
-
-        def xy(s, v):
-            return (pad + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (W - 2 * pad),
-                    H - pad - (v - lo) / (hi - lo) * (H - 2 * pad))
-
-        draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
-        draw.text((pad, H - pad + 8), f"step {int(steps[0])}", fill="black")
-        draw.text((W - pad - 70, H - pad + 8), f"step {int(steps[-1])}", fill="black")
-        draw.text((4, pad - 6), f"{hi:.3g}", fill="black")
-        draw.text((4, H - pad - 6), f"{lo:.3g}", fill="black")
-        colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-        for i, (name, values) in enumerate(series.items()):
-            colour = colours[i % len(colours)]
-            draw.line([xy(s, v) for s, v in zip(steps, values)], fill=colour, width=2)
-            draw.text((pad + 10 + 110 * i, pad - 20), name, fill=colour)
-        draw.text((pad, 10), f"{SCRIPT}: {self.path}", fill="black")
-        img.save(self.path.with_name("loss.png"))
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class StopOnSignal:
-    """Ctrl-C (or SIGTERM) asks the loop to stop after the current step; the loop then saves last.pt.
-    A second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.old = {}
-
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to quit at once)",
-                  flush=True)
-
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.old[sig] = signal.signal(sig, handler)
-        except ValueError:                                   # not in the main thread: keep Python's handling
-            pass
+    def open(self):
+        args, self.out, self.ckpt, self.last_good = self.args, Path(self.args.out), None, None
+        self.device = pick_device(args.device)
+        self.fused = self.device.type == "cuda"             # one kernel for a whole optimizer step
+        writable(self.out)
+        if args.resume is not None:
+            self.last_good = Path(args.resume or self.out / "last.pt")
+            self.ckpt = load_checkpoint(self.last_good, args, self.device)
+            check(self.ckpt["step"] < args.steps,
+                  f"the checkpoint is at step {self.ckpt['step']}; pass a larger --steps")
+        check(self.ckpt or not (self.out / "last.pt").exists(),
+              f"{self.out} holds a run already: add --resume to continue it, or give another --out")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
+        torch.manual_seed(args.seed)
+        self.data = load_data(args, self.device)
+        self.lock = claim(self.out)
+        ours = self.data["classes"]
+        theirs = (self.ckpt or {}).get("classes", ours)
+        check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
+                              f"; this data has {', '.join(ours or [])}")
         return self
 
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-        return False
+    def on_signal(self, signum, frame):
+        if self.stopping or not self.training:              # before the loop, or a second time
+            raise KeyboardInterrupt
+        self.stopping = True
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              f"(again to quit at once)", flush=True)
+
+    def close(self):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        if self.lock:
+            self.lock.close()                               # frees the lock
+
+    def start(self, G, D, opt_G, opt_D, fixed=None):
+        """Restore --resume's checkpoint, write real.png, print the header. fixed: G's inputs for
+        the sample grids (default: 64 z). Returns G and D to call in the loop (compiled with
+        --compile); the checkpoints hold the plain modules."""
+        args, self.step, self.sums, self.images, self.t0 = self.args, 0, None, 0, time.time()
+        self.nets = {"G": G, "D": D, "opt_G": opt_G, "opt_D": opt_D}
+        self.fixed = fixed or (torch.randn(64, args.latent_dim, device=self.device),)
+        if self.ckpt:
+            self.restore(self.ckpt)
+        sizes = ", ".join(f"{k} {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params"
+                          for k, net in (("G", G), ("D", D)))
+        print(f"{SCRIPT}: {self.device.type}, {sizes}, steps {self.step + 1}..{args.steps}, "
+              f"batch {args.batch_size}, out {self.out}")
+        images = self.data["images"]
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
+        save_grid(images[pick.to(images.device)] / 127.5 - 1, self.out / "real.png")
+        self.log_rows = read_log(self.out / "log.csv", self.step)
+        self.autocast = nullcontext()
+        if args.amp and self.fused:
+            self.autocast = torch.autocast("cuda", torch.bfloat16)
+        for flag in [f for f in ("amp", "compile") if getattr(args, f) and not self.fused]:
+            print(f"--{flag} is for CUDA; running without it on {self.device.type}")
+        return (torch.compile(G), torch.compile(D)) if args.compile and self.fused else (G, D)
+
+    def restore(self, ckpt):
+        """Models, optimizer moments, fixed noise, step and random streams; the optimizers keep
+        the hyperparameters of this run's flags (--lr, --betas), which are the checkpoint's unless
+        given again."""
+        for name, obj in self.nets.items():
+            groups = getattr(obj, "param_groups", [])       # an optimizer's: lr, betas, ...
+            flags = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+            load_state(obj, ckpt[name], name)
+            for group, flag in zip(getattr(obj, "param_groups", []), flags):
+                group.update(flag)
+        self.fixed = (ckpt["fixed_noise"], ckpt.get("fixed_labels"))[:len(self.fixed)]
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if self.fused and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        self.step = ckpt["step"]
+        print(f"resumed from step {self.step}")
+
+    def real_batch(self):
+        """A batch of real images (and their labels in cgan.py, acgan.py), counted for img/s."""
+        self.images += self.args.batch_size
+        return sample_real(self.data, self.args.batch_size, self.device, with_labels=CONDITIONAL)
+
+    def log(self, **stats):
+        """The step's numbers by name, summed on the device (no host sync) until the next log line,
+        with the first step at which one of them was NaN or inf."""
+        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
+        if self.sums is None:
+            self.names, self.sums, self.count = list(stats), torch.zeros_like(values), 0
+            self.bad_step = torch.full((), -1, device=values.device)
+        self.sums += values
+        self.count += 1
+        ok = torch.isfinite(values).all() | (self.bad_step >= 0)
+        self.bad_step = torch.where(ok, self.bad_step, self.step + 1)
+
+    def steps(self):
+        """The step numbers from the checkpoint's to --steps. After each step: the log line, sample
+        grids, checkpoints, and a clean stop on Ctrl-C or SIGTERM."""
+        args, self.training = self.args, True
+        for step in range(self.step + 1, args.steps + 1):
+            yield step
+            self.step, stopping = step, self.stopping        # a signal may come at any line
+            last = step == args.steps or stopping
+            if step % args.log_every == 0 or last:
+                self.write_log()
+            if step % args.sample_every == 0 or last:
+                G = self.nets["G"].eval()                    # BatchNorm's running statistics
+                with torch.no_grad(), self.autocast:
+                    save_grid(G(*self.fixed), self.out / "samples" / f"{step:06d}.png")
+                G.train()
+            if step % args.ckpt_every == 0 or last:
+                self.save(self.out / "last.pt")
+            if stopping:
+                print(f"stopped at step {step}; continue with: {continue_command(args.argv)}")
+                raise SystemExit(130)
+        print(f"done: samples in {self.out / 'samples'}, checkpoint {self.out / 'last.pt'}")
+
+    def check_finite(self, what="a loss", step=None):
+        step = step or self.bad_step.item()
+        kept = f"the last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint"
+        check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
+
+    def save(self, path):
+        """The checkpoint, a plain dict (SPEC.md), written only if every weight in it is finite."""
+        self.check_finite()
+        weights = [w for k in "GD" for w in self.nets[k].state_dict().values()]
+        if not torch.stack([w.isfinite().all() for w in weights if w.is_floating_point()]).all():
+            self.check_finite("a weight", self.step)
+        state = {k: v.state_dict() for k, v in self.nets.items()}
+        state.update(script=SCRIPT, step=self.step, args=vars(self.args), fixed_noise=self.fixed[0],
+                     rng={"cpu": torch.get_rng_state(),
+                          "cuda": torch.cuda.get_rng_state_all() if self.fused else []})
+        if CONDITIONAL:
+            state.update(fixed_labels=self.fixed[1], classes=self.data["classes"])
+        save_atomic(state, path)
+        self.last_good = path
+
+    def write_log(self):
+        """A row of log.csv, loss.png, and the progress line. The log never stops a run."""
+        self.check_finite()
+        means = dict(zip(self.names, (self.sums / self.count).tolist()))
+        dt, total = time.time() - self.t0, self.args.steps
+        ips = self.images / max(dt, 1e-9)
+        header = ["step", *means, "img_per_s"]
+        self.log_rows = [r for r in self.log_rows if len(r) == len(header)]
+        self.log_rows.append([self.step, *(float(f"{v:.5g}") for v in means.values()), round(ips)])
+        try:
+            with open(self.out / "log.csv", "w", newline="") as f:
+                csv.writer(f).writerows([header, *self.log_rows])
+            plot(self.log_rows, header, self.out / "loss.png")
+        except OSError as e:
+            warn(f"could not write the log ({why(e)}); training goes on")
+        left = int((total - self.step) * dt / self.count)
+        values = " ".join(f"{k} {v:.3f}" for k, v in means.items())
+        print(f"[{self.step:>{len(str(total))}}/{total}] {values} | {ips:,.0f} img/s | "
+              f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s left", flush=True)
+        self.sums.zero_()
+        self.count, self.images, self.t0 = 0, 0, time.time()
 
 
-def end_of_step(args, step, stats, log, stop, checkpoint, sample_grid, G):
-    """After every step: log, draw samples, checkpoint, and stop cleanly on Ctrl-C."""
-    log.add(step, stats)
-    stopping = stop.requested                                # read once: a signal may arrive at any line
-    last = step == args.steps or stopping
-    out = Path(args.out)
-    if step % args.log_every == 0 or last:
-        log.write(step)
-        log.plot()
-    if step % args.sample_every == 0 or last:
-        log.check_finite()
-        G.eval()                                             # BatchNorm in inference mode for the grid
-        save_grid(sample_grid(), out / "samples" / f"{step:06d}.png")
-        G.train()
-    if step % args.ckpt_every == 0 or last:
-        log.check_finite()                                   # never overwrite a good checkpoint with NaNs
-        state = checkpoint(step)
-        state.update(script=SCRIPT, args=vars(args))
-        save_checkpoint(state, out / "last.pt")
-        log.last_good = out / "last.pt"
-    if stopping:
-        print(f"stopped at step {step}; continue with: python {SCRIPT} --resume"
-              + (f" --out {args.out}" if args.out != str(Path("runs") / SCRIPT[:-3]) else ""))
-        raise SystemExit(130)
-    if last:
-        print(f"done: samples in {out / 'samples'}, checkpoint {out / 'last.pt'}, log {out / 'log.csv'}")
+def continue_command(argv):
+    """The command that continues this run: its own flags, and --resume without a path."""
+    drop = {i for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")}
+    drop |= {i + 1 for i in list(drop) if argv[i] == "--resume" and i + 1 < len(argv)
+             and not argv[i + 1].startswith("-")}                 # the path after --resume
+    flags = [a for i, a in enumerate(argv) if i not in drop] + ["--resume"]
+    return f"main({flags})" if NOTEBOOK else f"python {shlex.join([SCRIPT, *flags])}"
+
+
+def read_log(path, step):
+    """On --resume: log.csv's rows up to the checkpoint's step; damaged rows are dropped."""
+    try:
+        with open(path, newline="", errors="replace") as f:
+            rows = list(csv.reader(f))[1:] if step else []
+        return [[int(r[0]), *map(float, r[1:])] for r in rows if r and r[0].isdigit()
+                and int(r[0]) <= step]
+    except (OSError, ValueError):
+        return []
+
+
+def plot(rows, header, path, W=800, H=420, pad=60):
+    """log.csv as a line chart, drawn with PIL, so that no plotting package is needed."""
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    x0, x1 = rows[0][0], max(rows[-1][0], rows[0][0] + 1)
+    series = [[r[i] for r in rows] for i in range(1, len(header) - 1)]
+    lo, hi = min(map(min, series)), max(map(max, series))
+    hi = hi if hi > lo else lo + 1
+    draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    labels = {f"step {x0:.0f}": (pad, H - pad + 8), f"step {x1:.0f}": (W - pad - 70, H - pad + 8),
+              f"{hi:.3g}": (4, pad - 6), f"{lo:.3g}": (4, H - pad - 6), str(path): (pad, 10)}
+    for text, xy in labels.items():
+        draw.text(xy, text, fill="black")
+    for i, values in enumerate(series):
+        colour = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")[i % 6]
+        xy = [(pad + (r[0] - x0) / (x1 - x0) * (W - 2 * pad),
+               H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)) for r, v in zip(rows, values)]
+        draw.line(xy, fill=colour, width=2)
+        draw.text((pad + 10 + 110 * i, pad - 20), header[i + 1], fill=colour)
+    img.save(path)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:                                # outside the training loop: nothing to save
-        raise SystemExit(130)
+    main()
+# %% End of the shared plumbing ===================================================================

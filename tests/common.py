@@ -1,4 +1,4 @@
-"""Helpers for the script tests: tiny image folders made on the spot, and running a script in-process
+"""Helpers for the tests: tiny image folders made on the spot, and running a script in this process
 (fast: torch is imported once) or as a subprocess (to see exactly what a user sees)."""
 import importlib.util
 import os
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -18,19 +19,23 @@ IMG = 16                                              # every tiny run trains at
 TINY = {
     "vanilla_gan.py": ["--hidden", "16", "--img-size", str(IMG), "--batch-size", "8"],
     "dcgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
-    "cgan.py": ["--ngf", "8", "--ndf", "8", "--embed-dim", "4", "--img-size", str(IMG), "--batch-size", "8"],
+    "cgan.py": ["--ngf", "8", "--ndf", "8", "--embed-dim", "4", "--img-size", str(IMG),
+                "--batch-size", "8"],
     "acgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
-    "wgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8", "--n-critic", "2",
-                "--no-critic-warmup"],
-    "wgan_gp.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8", "--n-critic", "2"],
+    "wgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8",
+                "--n-critic", "2", "--no-critic-warmup"],
+    "wgan_gp.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8",
+                   "--n-critic", "2"],
     "lsgan.py": ["--ngf", "8", "--ndf", "8", "--img-size", str(IMG), "--batch-size", "8"],
-    "ebgan.py": ["--ngf", "8", "--ndf", "8", "--code-dim", "8", "--img-size", str(IMG), "--batch-size", "8"],
+    "ebgan.py": ["--ngf", "8", "--ndf", "8", "--code-dim", "8", "--img-size", str(IMG),
+                 "--batch-size", "8"],
 }
+SCRIPTS = sorted(TINY)
 CONDITIONAL_SCRIPTS = {"cgan.py", "acgan.py"}       # scripts that need one subfolder per class
 
 
 def load_script(name):
-    """Import a script as a module (once) so that tests can call its main(argv) and its functions."""
+    """Import a script as a module (once) so that tests can call main(argv) and its functions."""
     mod_name = "script_" + name[:-3]
     if mod_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(mod_name, REPO / name)
@@ -41,14 +46,27 @@ def load_script(name):
 
 
 def run(script, *args):
-    """Run script's main() in this process with the tiny flags; SystemExit propagates."""
+    """Run a script's main() in this process with the tiny flags; SystemExit propagates."""
     return load_script(script).main([*TINY[script], *map(str, args)])
 
 
-def run_subprocess(script_path, *args, cwd, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_subprocess(script_path, *args, cwd, timeout=300, env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(script_path), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def error_of(script, *args):
+    """The one-line error that a run of the script ends with (the test fails if it does not)."""
+    with pytest.raises(SystemExit) as e:
+        run(script, *args)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith(f"{script}: error: ") and "\n" not in msg, msg
+    return msg
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def make_image(path, rng, size):
@@ -73,10 +91,19 @@ def make_folder(root, n=12, classes=None, seed=0):
     return Path(root)
 
 
+def data_for(script, root):
+    """A tiny folder that the script trains on: flat, or with three class subfolders."""
+    classes = ["cat", "dog", "owl"] if script in CONDITIONAL_SCRIPTS else None
+    return make_folder(Path(root) / "images", n=6 if classes else 12, classes=classes)
+
+
 def tensors_equal(a, b, path="ckpt"):
-    """Compare two checkpoint trees; returns a list of the places where they differ."""
+    """Compare two checkpoint trees (not their flags); returns the places where tensors differ."""
+    if path == "ckpt.args":
+        return []
     if isinstance(a, torch.Tensor):
-        same = isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+        same = (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                and torch.equal(a, b))
         return [] if same else [path]
     if isinstance(a, dict):
         if not isinstance(b, dict) or a.keys() != b.keys():
@@ -85,5 +112,6 @@ def tensors_equal(a, b, path="ckpt"):
     if isinstance(a, (list, tuple)):
         if not isinstance(b, (list, tuple)) or len(a) != len(b):
             return [path]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in tensors_equal(x, y, f"{path}[{i}]")]
-    return []                                        # plain values (args, step) are compared by the tests
+        pairs = enumerate(zip(a, b))
+        return [d for i, (x, y) in pairs for d in tensors_equal(x, y, f"{path}[{i}]")]
+    return []                                        # plain values (args, step): the tests compare

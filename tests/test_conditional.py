@@ -1,31 +1,21 @@
-"""What only the class-conditional scripts (cgan.py, acgan.py) do: labels from class subfolders and named
-datasets, one sample-grid row per class, the label changing G's output, --generate with and without
---label, and every label the models ever see lying in range(n_classes). The generic end-to-end tests
-(outputs, exact resume, bad input, Ctrl-C, NaN) run on these scripts too, from test_scripts.py."""
+"""What only the class-conditional scripts (cgan.py, acgan.py) do: labels from class subfolders and
+named datasets, one sample-grid row per class, the label changing G's output, --generate with and
+without --label, and every label the models ever see lying in range(n_classes). The end-to-end tests
+(outputs, exact resume) run on these scripts too, from test_scripts.py."""
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 
-from common import CONDITIONAL_SCRIPTS, IMG, TINY, load_script, make_folder, run
+from common import CONDITIONAL_SCRIPTS, IMG, TINY, error_of, load, load_script, make_folder, run
 
 SCRIPTS = sorted(CONDITIONAL_SCRIPTS)
 PAD = 2                                              # torchvision's make_grid padding
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GAN_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def classes_folder(tmp_path, names, n=2):
     return make_folder(tmp_path / "images", n=n, classes=names)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def grid_rows_cols(path, size=IMG):
@@ -35,9 +25,8 @@ def grid_rows_cols(path, size=IMG):
 
 def trained_G(script, ckpt):
     module = load_script(script)
-    args = module.parse_args(TINY[script])
-    for flag in module.ARCH_FLAGS:
-        setattr(args, flag, ckpt["args"][flag])
+    args = module.parse_args([])
+    vars(args).update(ckpt["args"])                  # the model's shape comes from the checkpoint
     G = module.build_models(args)[0]
     G.load_state_dict(ckpt["G"])
     return G.eval()
@@ -50,7 +39,7 @@ def test_labels_follow_the_class_subfolders(script, tmp_path, capsys):
     run(script, "--data", data, "--steps", 2, "--out", "out", "--device", "cpu")
     captured = capsys.readouterr()
     assert "4 classes: ant, cat, dog, owl" in captured.out        # printed, in sorted order
-    assert "empty_class" in captured.err
+    assert "empty_class" in captured.err                          # said, not silently dropped
     ckpt = load(tmp_path / "out" / "last.pt")
     assert ckpt["classes"] == ["ant", "cat", "dog", "owl"]
     assert ckpt["args"]["n_classes"] == 4
@@ -74,7 +63,8 @@ def test_the_grid_shows_the_first_ten_classes(script, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_named_dataset_labels(script, tmp_path):
-    """MNIST's labels are the digits: the bundled subset trains with ten classes and a ten-row grid."""
+    """MNIST's labels are the digits: the bundled subset trains with ten classes and a ten-row grid.
+    """
     run(script, "--data", "mnist-mini", "--steps", 1, "--out", "out", "--device", "cpu")
     ckpt = load(tmp_path / "out" / "last.pt")
     assert ckpt["classes"] == [str(d) for d in range(10)]
@@ -84,31 +74,35 @@ def test_named_dataset_labels(script, tmp_path):
 def test_real_batches_keep_image_and_label_together():
     module = load_script("cgan.py")
     images = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 2, 2).contiguous()
-    data = {"images": images, "labels": torch.arange(50) % 7, "classes": list("abcdefg"), "device": torch.device("cpu")}
-    x, y = module.sample_real(data, 200, with_labels=True)
+    data = {"images": images, "labels": torch.arange(50) % 7, "classes": list("abcdefg")}
+    x, y = module.sample_real(data, 200, torch.device("cpu"), with_labels=True)
     index = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()  # undo the scaling to [-1, 1]
     assert torch.equal(y, index % 7)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
-    """Training labels (real and fake), the grid's labels and --generate's labels all lie in range(n_classes),
-    and the fake labels cover that range."""
+    """Training labels (real and fake), the grid's labels and --generate's labels all lie in
+    range(n_classes), and the fake labels cover that range."""
     module = load_script(script)
     seen = {"G": [], "D": []}
     build = module.build_models
 
     def recording_build(args):
         G, D = build(args)
-        G.register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[1].detach().clone()))  # G(z, labels)
+        # G(z, labels)
+        G.register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[1].detach().clone()))
         if hasattr(D, "label_map"):                  # cgan's D reads the label too
-            D.label_map.register_forward_pre_hook(lambda m, inp: seen["D"].append(inp[0].detach().clone()))
+            D.label_map.register_forward_pre_hook(
+                lambda m, inp: seen["D"].append(inp[0].detach().clone()))
         return G, D
 
     monkeypatch.setattr(module, "build_models", recording_build)
     data = classes_folder(tmp_path, ["a", "b", "c"])
-    run(script, "--data", data, "--steps", 6, "--out", "out", "--device", "cpu", "--sample-every", 3)
-    run(script, "--generate", 7, "--ckpt", tmp_path / "out" / "last.pt", "--out", "gen", "--device", "cpu")
+    run(script, "--data", data, "--steps", 6, "--out", "out", "--device", "cpu",
+        "--sample-every", 3)
+    run(script, "--generate", 7, "--ckpt", tmp_path / "out" / "last.pt", "--out", "gen",
+        "--device", "cpu")
     g = torch.cat(seen["G"])
     assert g.dtype == torch.long and g.min() >= 0 and g.max() <= 2
     assert set(g.tolist()) == {0, 1, 2}
@@ -116,7 +110,8 @@ def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
         d = torch.cat(seen["D"])
         assert d.min() >= 0 and d.max() <= 2 and set(d.tolist()) == {0, 1, 2}
     names = sorted(p.name for p in (tmp_path / "gen").glob("*.png"))
-    assert names == sorted(f"{i % 3}_{i:06d}.png" for i in range(7))  # labels cycle through the classes
+    # labels cycle through the classes
+    assert names == sorted(f"{i % 3}_{i:06d}.png" for i in range(7))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -124,14 +119,17 @@ def test_the_label_changes_G_for_a_fixed_z(script, tmp_path):
     data = classes_folder(tmp_path, ["a", "b", "c", "d"])
     run(script, "--data", data, "--steps", 3, "--out", "out", "--device", "cpu")
     ckpt = load(tmp_path / "out" / "last.pt")
-    G = trained_G(script, ckpt).double()             # float64: rounding noise ~1e-15, far below any real effect
-    z = torch.randn(1, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # float64: rounding noise ~1e-15, far below any real effect
+    G = trained_G(script, ckpt).double()
+    z = torch.randn(1, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
     with torch.no_grad():
         images = torch.cat([G(z, torch.tensor([k])) for k in range(4)])
         again = G(z.repeat(4, 1), torch.arange(4))   # batched: the same images
     assert torch.allclose(images, again, rtol=0, atol=1e-12)
     for a in range(4):
-        for b in range(a + 1, 4):                    # after 3 tiny steps the label's effect is small, but there
+        # after 3 tiny steps the label's effect is small, but there
+        for b in range(a + 1, 4):
             assert (images[a] - images[b]).abs().max() > 1e-6, (a, b)
 
 
@@ -148,14 +146,6 @@ def test_generate_with_label_writes_only_that_class(script, tmp_path):
     assert sorted(labels) == sorted(i % 5 for i in range(12))
 
 
-def error_of(script, *args):
-    with pytest.raises(SystemExit) as e:
-        run(script, *args)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith(f"{script}: error: ") and "\n" not in msg, msg
-    return msg
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_conditional_bad_input(script, tmp_path):
     flat = make_folder(tmp_path / "flat", n=4)       # images, but no class subfolders
@@ -167,10 +157,13 @@ def test_conditional_bad_input(script, tmp_path):
     run(script, "--data", data, "--steps", 2, "--out", "train", "--device", "cpu")
     ckpt = tmp_path / "train" / "last.pt"
     for bad in (3, -1):
-        assert "--label must be in 0..2" in error_of(script, "--generate", 2, "--ckpt", ckpt, "--label", bad)
+        msg = error_of(script, "--generate", 2, "--ckpt", ckpt, "--label", bad)
+        assert "--label must be in 0..2" in msg
 
-    other = make_folder(tmp_path / "other", n=2, classes=["x", "y", "z"])  # same count, other classes
-    msg = error_of(script, "--data", other, "--steps", 4, "--out", "train", "--resume", "--device", "cpu")
+    # same count, other classes
+    other = make_folder(tmp_path / "other", n=2, classes=["x", "y", "z"])
+    msg = error_of(script, "--data", other, "--steps", 4, "--out", "train", "--resume",
+                   "--device", "cpu")
     assert "trained on the classes a, b, c" in msg
 
 
@@ -185,15 +178,41 @@ def test_acgan_heads_are_logits():
     assert s.shape == (4,) and c.shape == (4, 5)
 
 
-def test_acgan_logs_class_accuracy(tmp_path):
+def test_acgan_logs_its_class_accuracies(tmp_path, monkeypatch):
+    """acc_real is D's class accuracy on the real batch, acc_fake on G's images for the asked
+    labels: recomputed here from D's class logits and the labels the step used, step by step."""
+    module = load_script("acgan.py")
+    seen = {"logits": [], "asked": [], "real": [], "logged": []}
+    build, real_batch, log = module.build_models, module.Run.real_batch, module.Run.log
+
+    def recording_build(args):
+        G, D = build(args)
+        G.register_forward_pre_hook(lambda m, inp: seen["asked"].append(inp[1].clone()))
+        D.class_head.register_forward_hook(lambda m, inp, out: seen["logits"].append(out.detach()))
+        return G, D
+
+    def recording_real_batch(self):
+        x, y = real_batch(self)
+        seen["real"].append(y.clone())
+        return x, y
+
+    def recording_log(self, **stats):
+        seen["logged"].append({k: v.item() for k, v in stats.items()})
+        return log(self, **stats)
+
+    monkeypatch.setattr(module, "build_models", recording_build)
+    monkeypatch.setattr(module.Run, "real_batch", recording_real_batch)
+    monkeypatch.setattr(module.Run, "log", recording_log)
     data = classes_folder(tmp_path, ["a", "b", "c"])
-    run("acgan.py", "--data", data, "--steps", 4, "--out", "out", "--device", "cpu", "--log-every", 2)
-    rows = (tmp_path / "out" / "log.csv").read_text().splitlines()
-    header = rows[0].split(",")
+    run("acgan.py", "--data", data, "--steps", 3, "--out", "out", "--device", "cpu",
+        "--sample-every", 100)
+    for step, logged in enumerate(seen["logged"]):
+        c_real, c_fake = seen["logits"][3 * step:3 * step + 2]   # D(real), D(fake), then D(G(z))
+        acc_real = (c_real.argmax(1) == seen["real"][step]).float().mean().item()
+        acc_fake = (c_fake.argmax(1) == seen["asked"][step]).float().mean().item()
+        assert logged["acc_real"] == pytest.approx(acc_real) and logged["acc_fake"] == acc_fake
+    header = (tmp_path / "out" / "log.csv").read_text().splitlines()[0].split(",")
     assert "acc_real" in header and "acc_fake" in header
-    for row in rows[1:]:
-        values = dict(zip(header, row.split(",")))
-        assert 0 <= float(values["acc_real"]) <= 1 and 0 <= float(values["acc_fake"]) <= 1
 
 
 def test_cgan_D_depends_on_the_label():
