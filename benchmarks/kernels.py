@@ -1,20 +1,21 @@
-"""Speed of kernels/ against eager PyTorch and torch.compile, in one run, printed as one table (needs a CUDA GPU).
+"""Speed of kernels/ against eager PyTorch and torch.compile, in one run, printed as one table
+(needs a CUDA GPU).
 
-    python benchmarks/kernels.py                 # from the repository root; about 5-10 minutes on an H100
-    python benchmarks/kernels.py --no-compile    # skip the torch.compile columns (they take most of the time)
+    python benchmarks/kernels.py                 # from the repository root; 5-10 minutes on an H100
+    python benchmarks/kernels.py --no-compile    # skip the torch.compile rows (most of the time)
 
 Rows:
   gradient_penalty, forward + backward (torch.autograd.grad of the penalty w.r.t. grads), float32,
       B in {64, 256, 1024} x per-sample size in {1x28x28, 3x64x64, 3x128x128}:
-      eager (the fallback, impl="torch"), torch.compile of that fallback, Triton (impl="triton").
-  clip_weights_, float32, c=0.01, on a DCGAN 64x64 critic, an MLP critic and 100M parameters in 1000 tensors:
-      a per-parameter clamp_ loop (eager, = the fallback), torch._foreach_clamp_min_/max_, torch.compile of the
-      loop, Triton (impl="triton").
-Times are medians of triton.testing.do_bench (which clears the L2 cache before every call). GB/s counts the
-bytes the operation must move at least, the same for every implementation: the penalty reads grads twice
-(forward, backward) and writes the gradient once (3 x grads bytes); clipping reads and writes every parameter
-(2 x parameter bytes). "% copy" is that rate over the device's copy bandwidth, measured in the same run as
-dst.copy_(src) on 1 GiB (2 GiB moved).
+      eager (the reference, impl="torch"), torch.compile of it, Triton (impl="triton").
+  clip_weights_, float32, c=0.01, on a DCGAN 64x64 critic, an MLP critic and 100M parameters in
+      1000 tensors: a per-parameter clamp_ loop (eager, = the reference),
+      torch._foreach_clamp_min_/max_, torch.compile of the loop, Triton (impl="triton").
+Times are medians of triton.testing.do_bench (which clears the L2 cache before every call). GB/s
+counts the bytes the operation must move at least, the same for every implementation: the penalty
+reads grads twice (forward, backward) and writes the gradient once (3 x grads bytes); clipping reads
+and writes every parameter (2 x parameter bytes). "% copy" is that rate over the device's copy
+bandwidth, measured in the same run as dst.copy_(src) on 1 GiB (2 GiB moved).
 """
 import argparse
 import os
@@ -23,7 +24,8 @@ import sys
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository root
+# the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PENALTY_BATCHES = [64, 256, 1024]
 PENALTY_SIZES = [(1, 28, 28), (3, 64, 64), (3, 128, 128)]
@@ -72,9 +74,9 @@ def dcgan_critic(nc=3, ndf=64):
     """The DCGAN 64x64 discriminator (Radford et al.), as WGAN clips it."""
     return nn.Sequential(
         nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2),
-        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2),
-        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2),
-        nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2),
+        *[layer for k in (1, 2, 4) for layer in (
+            nn.Conv2d(ndf * k, ndf * 2 * k, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2 * k),
+            nn.LeakyReLU(0.2))],
         nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False))
 
 
@@ -84,7 +86,8 @@ def mlp_critic(img=28 * 28, hidden=512):
 
 
 def many_tensors(total=100_000_000, count=1000, seed=0):
-    """`count` tensors of uneven sizes (50k..150k elements, none a multiple of the block) summing to `total`."""
+    """`count` tensors of uneven sizes (50k..150k elements, none a multiple of the block) summing to
+    `total`."""
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(total // count // 2, total // count * 3 // 2, (count,), generator=gen)
     sizes[-1] += total - int(sizes.sum())
@@ -114,7 +117,8 @@ def clip_rows(use_compile):
         nbytes = 2 * sum(p.nbytes for p in params)
         case = f"{case} ({count / 1e6:.2f}M, {len(params)} tensors)"
         with torch.no_grad():
-            initial = [p.detach().clone().mul_(100) for p in params]   # most values beyond the bounds
+            # most values beyond the bounds
+            initial = [p.detach().clone().mul_(100) for p in params]
         reference = [p.clamp(-CLIP_C, CLIP_C) for p in initial]
         for name, clip in [("clamp_ loop (eager)", loop_), ("foreach clamp_min_/max_", foreach_),
                            ("torch.compile", compiled_loop_),
@@ -125,7 +129,7 @@ def clip_rows(use_compile):
                 for p, x in zip(params, initial):
                     p.copy_(x)
 
-            def step(clip=clip):
+            def step(clip=clip, params=params):
                 clip(params)
                 return params
             rows.append(measure("clip_weights_", case, name, step, nbytes, reference))
@@ -143,16 +147,18 @@ def measure(op, case, impl, step, nbytes, reference):
         refs = reference if isinstance(reference, list) else [reference]
         ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(outs, refs))
         ms = bench_ms(step)
-    except Exception as e:                            # one failing implementation does not lose the table
-        return dict(op=op, case=case, impl=impl, error=f"{type(e).__name__}: {str(e).splitlines()[0][:60]}")
+    # one failing implementation does not lose the table
+    except Exception as e:
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        return dict(op=op, case=case, impl=impl, error=error)
     return dict(op=op, case=case, impl=impl, us=ms * 1e3, gbps=nbytes / ms / 1e6, ok=ok)
 
 
 def print_table(rows, copy_gbps):
     baselines = {(r["op"], r["case"]): r["us"] for r in rows
                  if r["impl"] in ("eager", "clamp_ loop (eager)") and "us" in r}
-    header = f"| {'op':<16} | {'case':<50} | {'implementation':<24} | {'us':>9} | {'GB/s':>7} | {'% copy':>6} | " \
-             f"{'vs eager':>8} |"
+    header = (f"| {'op':<16} | {'case':<50} | {'implementation':<24} | {'us':>9} | {'GB/s':>7} | "
+              f"{'% copy':>6} | {'vs eager':>8} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
@@ -161,8 +167,8 @@ def print_table(rows, copy_gbps):
             continue
         speedup = baselines.get((r["op"], r["case"]), float("nan")) / r["us"]
         flag = "" if r["ok"] else "  (result differs!)"
-        print(f"| {r['op']:<16} | {r['case']:<50} | {r['impl']:<24} | {r['us']:9.1f} | {r['gbps']:7.0f} | "
-              f"{100 * r['gbps'] / copy_gbps:5.0f}% | {speedup:7.2f}x |{flag}")
+        print(f"| {r['op']:<16} | {r['case']:<50} | {r['impl']:<24} | {r['us']:9.1f} | "
+              f"{r['gbps']:7.0f} | {100 * r['gbps'] / copy_gbps:5.0f}% | {speedup:7.2f}x |{flag}")
 
 
 def main(argv=None):
@@ -170,11 +176,11 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py: no CUDA device found; this benchmark measures GPU kernels and needs one.")
+        sys.exit("benchmarks/kernels.py: no CUDA device found; it measures GPU kernels")
     try:
         import triton
     except ImportError:
-        sys.exit("benchmarks/kernels.py: Triton is not installed (pip install triton); it is needed for the kernels.")
+        sys.exit("benchmarks/kernels.py: Triton is not installed (pip install triton)")
     from torch import _dynamo
     _dynamo.config.cache_size_limit = 64                # one compiled graph per shape, 9 shapes
     torch.manual_seed(0)
@@ -182,8 +188,9 @@ def main(argv=None):
     copy_gbps = copy_bandwidth_gbps()
     print(f"  copy bandwidth {copy_gbps:.0f} GB/s", file=sys.stderr, flush=True)
     rows = penalty_rows(not args.no_compile) + clip_rows(not args.no_compile)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"float32; measured copy bandwidth {copy_gbps:.0f} GB/s (dst.copy_(src), 1 GiB); do_bench medians\n")
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}, float32; measured copy bandwidth {copy_gbps:.0f} GB/s "
+          f"(dst.copy_(src), 1 GiB); do_bench medians\n")
     print_table(rows, copy_gbps)
 
 
