@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=256, help="G's first hidden width (then 2x, 4x)")
     p.add_argument("--d-steps", type=int, default=1, help="D batches per round (the paper's k)")
     p.add_argument("--g-steps", type=int, default=1, help="G batches per round")
+    p.add_argument("--spectral-norm", action="store_true",
+                   help="spectral normalisation in D (README: Long runs)")
     args = parse(p, argv)
     check(args.img_size is None or 8 <= args.img_size <= 512, "--img-size must be in 8..512")
     check(0 < args.hidden <= 65536, f"--hidden must be in 1..65536, got {args.hidden}")
@@ -96,7 +98,16 @@ class Discriminator(nn.Module):
 def build_models(args):
     G = Generator(args.latent_dim, args.channels, args.img_size, args.hidden)
     D = Discriminator(args.channels, args.img_size, args.hidden)
+    if args.spectral_norm:                    # the remedy for long runs (README, Long runs)
+        spectral_norm_(D)
     return G, D
+
+
+# %% When training has failed (README, Long runs): the sign in one log interval's means
+def failing(m, args):
+    """D tells real from fake almost perfectly: G's loss climbs, its samples stop improving."""
+    if m["D_x"] > 0.95 and m["D_G_z"] < 0.05:
+        return "D wins (D(x) > 0.95, D(G(z)) < 0.05)"
 
 
 # %% Training: the paper's algorithm (run, defined below, owns data, checkpoints and logs)
@@ -223,6 +234,10 @@ def make_parser(doc):
     g("--generate", type=int, metavar="N", help="write N images from --ckpt into --out, then exit")
     g("--ckpt", help="the checkpoint for --generate (default: <out>/last.pt)")
     g("--label", type=int, help="with --generate in cgan.py, acgan.py: draw only this class")
+    g("--keep-every", type=int, default=0, metavar="N",
+      help="keep a snapshot step_<N>.pt every N steps (default: --steps / 5: five per run)")
+    g("--stop-on-collapse", action="store_true",
+      help="when the warning that training is failing fires: save and stop, exit status 3")
     return p
 
 
@@ -238,6 +253,7 @@ def parse(p, argv):
         setattr(args, k, p.get_default(k))
     args.given, args.argv, args.betas = sorted(given), argv, tuple(args.betas)
     args.out = args.out or f"runs/{SCRIPT[:-3]}"
+    check(args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}")
     for k in ("steps", "batch_size", "latent_dim", "sample_every", "ckpt_every", "log_every"):
         n = getattr(args, k)
         check(0 < n <= 2 ** 31, f"--{k.replace('_', '-')} must be a positive integer, got {n}")
@@ -543,6 +559,19 @@ def generate(args):
     print(f"wrote {args.generate} images to {out}")
 
 
+def spectral_norm_(D):
+    """--spectral-norm (Miyato et al. 2018), in place: every conv and linear layer of D divided by
+    its largest singular value (one power iteration per step), so that D stays 1-Lipschitz and
+    cannot win outright, and no BatchNorm in D, as in the paper's networks."""
+    for module in list(D.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(module, name, nn.Identity())
+            elif isinstance(child, (nn.Conv2d, nn.Linear)):
+                nn.utils.parametrizations.spectral_norm(child)
+    return D
+
+
 def save_grid(images, path):
     """Images in [-1, 1] as one PNG, 8 to a row (torchvision's make_grid)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -556,7 +585,7 @@ class Run:
 
     def __init__(self, args):
         self.args, self.handlers, self.lock = args, {}, None
-        self.stopping = self.training = False
+        self.stop, self.training, self.failing = 0, False, 0  # stop: the exit status to stop with
 
     def open(self):
         args, self.out, self.ckpt, self.last_good = self.args, Path(self.args.out), None, None
@@ -582,9 +611,9 @@ class Run:
         return self
 
     def on_signal(self, signum, frame):
-        if self.stopping or not self.training:              # before the loop, or a second time
+        if self.stop or not self.training:                  # before the loop, or a second time
             raise KeyboardInterrupt
-        self.stopping = True
+        self.stop = 130
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
               f"(again to quit at once)", flush=True)
 
@@ -654,24 +683,27 @@ class Run:
 
     def steps(self):
         """The step numbers from the checkpoint's to --steps. After each step: the log line, sample
-        grids, checkpoints, and a clean stop on Ctrl-C or SIGTERM."""
+        grids, last.pt and the kept snapshots, and a clean stop on Ctrl-C, SIGTERM or (with
+        --stop-on-collapse) failed training."""
         args, self.training = self.args, True
+        keep = args.keep_every or max(1, args.steps // 5)    # by default a run keeps five snapshots
         for step in range(self.step + 1, args.steps + 1):
             yield step
-            self.step, stopping = step, self.stopping        # a signal may come at any line
-            last = step == args.steps or stopping
-            if step % args.log_every == 0 or last:
-                self.write_log()
-            if step % args.sample_every == 0 or last:
+            self.step = step
+            if step % args.log_every == 0 or step == args.steps or self.stop:
+                self.write_log()                             # (may set self.stop: collapse)
+            stop = self.stop                                 # a signal may come at any line
+            if step % args.sample_every == 0 or step == args.steps or stop:
                 G = self.nets["G"].eval()                    # BatchNorm's running statistics
                 with torch.no_grad(), self.autocast:
                     save_grid(G(*self.fixed), self.out / "samples" / f"{step:06d}.png")
                 G.train()
-            if step % args.ckpt_every == 0 or last:
-                self.save(self.out / "last.pt")
-            if stopping:
+            snapshots = [self.out / f"step_{step:06d}.pt"] if step % keep == 0 else []
+            if step % args.ckpt_every == 0 or step == args.steps or stop or snapshots:
+                self.save(self.out / "last.pt", *snapshots)
+            if stop:
                 print(f"stopped at step {step}; continue with: {continue_command(args.argv)}")
-                raise SystemExit(130)
+                raise SystemExit(stop)
         print(f"done: samples in {self.out / 'samples'}, checkpoint {self.out / 'last.pt'}")
 
     def check_finite(self, what="a loss", step=None):
@@ -679,7 +711,7 @@ class Run:
         kept = f"the last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint"
         check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
 
-    def save(self, path):
+    def save(self, *paths):
         """The checkpoint, a plain dict (SPEC.md), written only if every weight in it is finite."""
         self.check_finite()
         weights = [w for k in "GD" for w in self.nets[k].state_dict().values()]
@@ -691,8 +723,9 @@ class Run:
                           "cuda": torch.cuda.get_rng_state_all() if self.fused else []})
         if CONDITIONAL:
             state.update(fixed_labels=self.fixed[1], classes=self.data["classes"])
-        save_atomic(state, path)
-        self.last_good = path
+        for path in paths:
+            save_atomic(state, path)
+        self.last_good = paths[0]
 
     def write_log(self):
         """A row of log.csv, loss.png, and the progress line. The log never stops a run."""
@@ -713,6 +746,12 @@ class Run:
         values = " ".join(f"{k} {v:.3f}" for k, v in means.items())
         print(f"[{self.step:>{len(str(total))}}/{total}] {values} | {ips:,.0f} img/s | "
               f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s left", flush=True)
+        sign = failing(means, self.args)                     # the loss family's sign of failure
+        self.failing = self.failing + 1 if sign else 0
+        if self.failing == 5:                                # five log lines in a row: say it once
+            warn(f"step {self.step}: training is failing: {sign}. Try an earlier snapshot "
+                 f"(--resume {self.out}/step_<N>.pt) or the remedy in the README (Long runs)")
+            self.stop = self.stop or (3 if self.args.stop_on_collapse else 0)
         self.sums.zero_()
         self.count, self.images, self.t0 = 0, 0, time.time()
 
