@@ -180,12 +180,13 @@ def train(run):
 # %% Plumbing shared by every script ==============================================================
 # The same in every script down to the end marker: data, checkpoints, logs, errors, Ctrl-C. The
 # source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
-import argparse, csv, gzip, hashlib, os, shlex, shutil, signal, struct, sys, time  # noqa: E401
+import argparse, copy, csv, gzip, hashlib, os, shlex, shutil, signal, struct, sys, time  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageOps
@@ -268,6 +269,8 @@ def make_parser(doc):
       help="keep a snapshot step_<N>.pt every N steps (default: --steps / 5: five per run)")
     g("--stop-on-collapse", action="store_true",
       help="when the warning that training is failing fires: save and stop, exit status 3")
+    g("--ema", type=float, default=0.0, metavar="DECAY",
+      help="keep an exponential moving average of G (e.g. 0.999) for grids and --generate")
     return p
 
 
@@ -284,6 +287,7 @@ def parse(p, argv):
     args.given, args.argv, args.betas = sorted(given), argv, tuple(args.betas)
     args.out = args.out or f"runs/{SCRIPT[:-3]}"
     check(args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}")
+    check(0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}")
     for k in ("steps", "batch_size", "latent_dim", "sample_every", "ckpt_every", "log_every"):
         n = getattr(args, k)
         check(0 < n <= 2 ** 31, f"--{k.replace('_', '-')} must be a positive integer, got {n}")
@@ -574,7 +578,7 @@ def generate(args):
     out = Path(args.out)
     claim(out, lock=False).close()
     G = build_models(args)[0].to(device).eval()
-    load_state(G, ckpt["G"], "G")
+    load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")       # --ema's average of G, when saved
     n = len(ckpt.get("classes") or [0])
     check(args.label is None or 0 <= args.label < n, f"--label must be in 0..{n - 1}")
     with torch.no_grad():
@@ -615,12 +619,19 @@ class Run:
 
     def __init__(self, args):
         self.args, self.handlers, self.lock = args, {}, None
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.stop, self.training, self.failing = 0, False, 0  # stop: the exit status to stop with
 
     def open(self):
         args, self.out, self.ckpt, self.last_good = self.args, Path(self.args.out), None, None
         self.device = pick_device(args.device)
         self.fused = self.device.type == "cuda"             # one kernel for a whole optimizer step
+        if self.world > 1:                                  # torchrun: a process per device
+            if self.fused:
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.fused else "gloo")
+            sys.stdout = open(os.devnull, "w") if self.rank else sys.stdout  # rank 0 prints
         writable(self.out)
         if args.resume is not None:
             self.last_good = Path(args.resume or self.out / "last.pt")
@@ -631,9 +642,9 @@ class Run:
               f"{self.out} holds a run already: add --resume to continue it, or give another --out")
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.handlers[sig] = signal.signal(sig, self.on_signal)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed + self.rank)            # each process its own random stream
         self.data = load_data(args, self.device)
-        self.lock = claim(self.out)
+        self.lock = claim(self.out) if self.rank == 0 else None
         ours = self.data["classes"]
         theirs = (self.ckpt or {}).get("classes", ours)
         check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
@@ -652,14 +663,19 @@ class Run:
             signal.signal(sig, handler)
         if self.lock:
             self.lock.close()                               # frees the lock
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
     def start(self, G, D, opt_G, opt_D, fixed=None):
         """Restore --resume's checkpoint, write real.png, print the header. fixed: G's inputs for
-        the sample grids (default: 64 z). Returns G and D to call in the loop (compiled with
-        --compile); the checkpoints hold the plain modules."""
+        the sample grids (default: 64 z). Returns G and D to call in the loop (under torchrun
+        wrapped in DistributedDataParallel, with --compile compiled); checkpoints hold the plain
+        modules, and --ema's average of G."""
         args, self.step, self.sums, self.images, self.t0 = self.args, 0, None, 0, time.time()
         self.nets = {"G": G, "D": D, "opt_G": opt_G, "opt_D": opt_D}
         self.fixed = fixed or (torch.randn(64, args.latent_dim, device=self.device),)
+        if args.ema:                                        # a copy of G, averaged after each step
+            self.nets["G_ema"] = copy.deepcopy(G).eval().requires_grad_(False)
         if self.ckpt:
             self.restore(self.ckpt)
         sizes = ", ".join(f"{k} {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params"
@@ -668,13 +684,18 @@ class Run:
               f"batch {args.batch_size}, out {self.out}")
         images = self.data["images"]
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
-        save_grid(images[pick.to(images.device)] / 127.5 - 1, self.out / "real.png")
+        if self.rank == 0:
+            save_grid(images[pick.to(images.device)] / 127.5 - 1, self.out / "real.png")
         self.log_rows = read_log(self.out / "log.csv", self.step)
         self.autocast = nullcontext()
         if args.amp and self.fused:
             self.autocast = torch.autocast("cuda", torch.bfloat16)
         for flag in [f for f in ("amp", "compile") if getattr(args, f) and not self.fused]:
             print(f"--{flag} is for CUDA; running without it on {self.device.type}")
+        if self.world > 1:                                  # gradients averaged over the processes
+            G, D = (torch.nn.parallel.DistributedDataParallel(net) for net in (G, D))
+            print(f"{self.world} processes: batch {args.batch_size} each, "
+                  f"{args.batch_size * self.world} in all")
         return (torch.compile(G), torch.compile(D)) if args.compile and self.fused else (G, D)
 
     def restore(self, ckpt):
@@ -684,13 +705,16 @@ class Run:
         for name, obj in self.nets.items():
             groups = getattr(obj, "param_groups", [])       # an optimizer's: lr, betas, ...
             flags = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-            load_state(obj, ckpt[name], name)
+            load_state(obj, ckpt.get(name, ckpt["G"]), name)  # (G_ema: G's, if not saved)
             for group, flag in zip(getattr(obj, "param_groups", []), flags):
                 group.update(flag)
         self.fixed = (ckpt["fixed_noise"], ckpt.get("fixed_labels"))[:len(self.fixed)]
-        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
-        if self.fused and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        rng = ckpt["rng"].get("ranks", [ckpt["rng"]])      # a stream per process
+        check(len(rng) == self.world, f"the checkpoint was written by {len(rng)} processes; resume "
+                                      f"it with as many (torchrun --nproc_per_node={len(rng)})")
+        torch.set_rng_state(rng[self.rank]["cpu"].cpu())
+        if self.fused and rng[self.rank]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng[self.rank]["cuda"]])
         self.step = ckpt["step"]
         print(f"resumed from step {self.step}")
 
@@ -720,14 +744,23 @@ class Run:
         for step in range(self.step + 1, args.steps + 1):
             yield step
             self.step = step
-            if step % args.log_every == 0 or step == args.steps or self.stop:
+            if args.ema:                                     # G_ema = decay G_ema + (1 - decay) G
+                with torch.no_grad():
+                    G, G_ema = self.nets["G"], self.nets["G_ema"]
+                    for average, now in zip(G_ema.parameters(), G.parameters()):
+                        average.lerp_(now, 1 - args.ema)
+                    for copied, now in zip(G_ema.buffers(), G.buffers()):  # BatchNorm statistics
+                        copied.copy_(now)
+            # the processes of a torchrun agree on stopping at log lines only (write_log)
+            sync = step % args.log_every == 0 or step == args.steps or self.world == 1 and self.stop
+            if sync:
                 self.write_log()                             # (may set self.stop: collapse)
-            stop = self.stop                                 # a signal may come at any line
-            if step % args.sample_every == 0 or step == args.steps or stop:
-                G = self.nets["G"].eval()                    # BatchNorm's running statistics
+            stop = self.stop if sync else 0                  # a signal may come at any line
+            if self.rank == 0 and (step % args.sample_every == 0 or step == args.steps or stop):
+                G = self.nets["G_ema"] if args.ema else self.nets["G"].eval()  # running stats
                 with torch.no_grad(), self.autocast:
                     save_grid(G(*self.fixed), self.out / "samples" / f"{step:06d}.png")
-                G.train()
+                self.nets["G"].train()
             snapshots = [self.out / f"step_{step:06d}.pt"] if step % keep == 0 else []
             if step % args.ckpt_every == 0 or step == args.steps or stop or snapshots:
                 self.save(self.out / "last.pt", *snapshots)
@@ -747,29 +780,43 @@ class Run:
         weights = [w for k in "GD" for w in self.nets[k].state_dict().values()]
         if not torch.stack([w.isfinite().all() for w in weights if w.is_floating_point()]).all():
             self.check_finite("a weight", self.step)
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if self.fused else []}
+        if self.world > 1:                                  # every process's stream, for --resume
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, rng)
+            rng = {**rng, "ranks": ranks}
         state = {k: v.state_dict() for k, v in self.nets.items()}
         state.update(script=SCRIPT, step=self.step, args=vars(self.args), fixed_noise=self.fixed[0],
-                     rng={"cpu": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state_all() if self.fused else []})
+                     rng=rng)
         if CONDITIONAL:
             state.update(fixed_labels=self.fixed[1], classes=self.data["classes"])
-        for path in paths:
+        for path in paths if self.rank == 0 else []:        # rank 0 alone writes files
             save_atomic(state, path)
         self.last_good = paths[0]
 
     def write_log(self):
-        """A row of log.csv, loss.png, and the progress line. The log never stops a run."""
+        """A row of log.csv, loss.png, and the progress line. The log never stops a run. Under
+        torchrun: the means over all processes, and all agree on a NaN/inf or a stop."""
+        if self.world > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= self.world
+            agreed = torch.stack([self.bad_step.float(), torch.tensor(float(self.stop))
+                                  .to(self.sums.device)])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            self.bad_step, self.stop = agreed[0].long(), int(agreed[1])
         self.check_finite()
         means = dict(zip(self.names, (self.sums / self.count).tolist()))
         dt, total = time.time() - self.t0, self.args.steps
-        ips = self.images / max(dt, 1e-9)
+        ips = self.images * self.world / max(dt, 1e-9)
         header = ["step", *means, "img_per_s"]
         self.log_rows = [r for r in self.log_rows if len(r) == len(header)]
         self.log_rows.append([self.step, *(float(f"{v:.5g}") for v in means.values()), round(ips)])
         try:
-            with open(self.out / "log.csv", "w", newline="") as f:
-                csv.writer(f).writerows([header, *self.log_rows])
-            plot(self.log_rows, header, self.out / "loss.png")
+            if self.rank == 0:
+                with open(self.out / "log.csv", "w", newline="") as f:
+                    csv.writer(f).writerows([header, *self.log_rows])
+                plot(self.log_rows, header, self.out / "loss.png")
         except OSError as e:
             warn(f"could not write the log ({why(e)}); training goes on")
         left = int((total - self.step) * dt / self.count)
