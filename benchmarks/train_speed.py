@@ -1,0 +1,180 @@
+"""Training speed of every script end to end, in images/s, printed as one table (made for a CUDA
+GPU; --device cpu runs it too, to check the benchmark itself).
+
+    python benchmarks/train_speed.py                       # everything: about 30-60 min on an H100
+    python benchmarks/train_speed.py --scripts dcgan.py wgan_gp.py --modes eager compile
+
+Each configuration runs the script as a user does (a subprocess): on --data mnist at 32x32 (the
+bundled mnist-mini when MNIST is not under --data-root) and on a folder of 2,000 random 64x64
+images made once, for --steps generator updates with a log line every --log-every steps. "img/s"
+is the median of the log lines after the first (the steady state): real images per second, which
+for the critics counts their n_critic batches. "vs eager" divides it by the same script's eager
+run with the same kernels. "first log" is the seconds from the process's start to its first log
+line: imports, data, models, compilation, cudnn's autotuning and the first --log-every steps.
+wgan.py and wgan_gp.py run once with the Triton kernels and once with GAN_KERNELS=torch.
+
+The "plain loop" rows (dcgan.py, wgan_gp.py) train the same models as most repositories do: a
+DataLoader from host memory, eager float32, loss.item() every step (a host sync).
+"""
+import argparse
+import contextlib
+import io
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = ["vanilla_gan.py", "dcgan.py", "cgan.py", "acgan.py", "wgan.py", "wgan_gp.py",
+           "lsgan.py", "ebgan.py"]
+MODES = {"eager": [], "amp": ["--amp"], "compile": ["--compile"],
+         "amp+compile": ["--amp", "--compile"]}
+SPEED = re.compile(r"\| ([\d,]+) img/s \|")
+
+
+def random_folder(root, n=2000, size=64):
+    """n random 64x64 RGB images in class subfolders (cgan.py and acgan.py need classes)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = Path(root) / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return Path(root)
+
+
+def run_script(script, data, flags, env, args, out):
+    cmd = [sys.executable, str(REPO / script), "--data", str(data), "--data-root", args.data_root,
+           "--steps", str(args.steps), "--log-every", str(args.log_every), "--device", args.device,
+           "--sample-every", "1000000000", "--ckpt-every", "1000000000",
+           "--keep-every", "1000000000", "--out", str(out), *flags]
+    t0, first, speeds = time.time(), None, []
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **env})
+    for line in p.stdout:
+        if SPEED.search(line):
+            first = first or time.time() - t0
+            speeds.append(float(SPEED.search(line).group(1).replace(",", "")))
+    err = p.stderr.read()
+    if p.wait() != 0:
+        return {"error": (err.strip().splitlines() or ["exit status %d" % p.returncode])[-1][:70]}
+    steady = speeds[1:] or speeds
+    return {"ips": statistics.median(steady), "first": first}
+
+
+def plain_loop(script, data_arg, args):
+    """The same models, trained as most repositories do: DataLoader, float32, .item() per step."""
+    sys.path.insert(0, str(REPO))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_" + script[:-3], REPO / script)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    device = torch.device(args.device if args.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    a = m.parse_args(["--data", str(data_arg), "--data-root", args.data_root])
+    with contextlib.redirect_stdout(io.StringIO()):       # (its "data: ..." line)
+        images = m.load_data(a, torch.device("cpu"))["images"].float() / 127.5 - 1
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), shuffle=True,
+                                         batch_size=a.batch_size, drop_last=True, num_workers=2,
+                                         pin_memory=device.type == "cuda", persistent_workers=True)
+    G, D = (net.to(device) for net in m.build_models(a))
+    betas = a.betas or (0.5, 0.999)
+    opt_G = torch.optim.Adam(G.parameters(), lr=a.lr, betas=betas)
+    opt_D = torch.optim.Adam(D.parameters(), lr=a.lr, betas=betas)
+    bce = torch.nn.BCEWithLogitsLoss()
+    n_critic = getattr(a, "n_critic", 1)
+    batches = iter(())
+    seen, t0 = 0, None
+    for step in range(args.steps):
+        if step == args.steps // 5:                        # after the warm-up
+            t0, seen = time.time(), 0
+        for _ in range(n_critic):
+            try:
+                (real,) = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                (real,) = next(batches)
+            real = real.to(device)
+            z = torch.randn(a.batch_size, a.latent_dim, device=device)
+            fake = G(z).detach()
+            if script == "wgan_gp.py":
+                loss_D = D(fake).mean() - D(real).mean() + m.critic_penalty(D, real, fake, 10.0)
+            else:
+                d_real, d_fake = D(real), D(fake)
+                loss_D = (bce(d_real, torch.ones_like(d_real))
+                          + bce(d_fake, torch.zeros_like(d_fake)))
+            opt_D.zero_grad()
+            loss_D.backward()
+            opt_D.step()
+            seen += len(real)
+        z = torch.randn(a.batch_size, a.latent_dim, device=device)
+        out = D(G(z))
+        loss_G = -out.mean() if script == "wgan_gp.py" else bce(out, torch.ones_like(out))
+        opt_G.zero_grad()
+        loss_G.backward()
+        opt_G.step()
+        loss_D.item(), loss_G.item()                       # what a progress bar does every step
+    return {"ips": seen / (time.time() - t0), "first": None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scripts", nargs="+", default=SCRIPTS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--sizes", nargs="+", type=int, default=[32, 64], choices=[32, 64])
+    p.add_argument("--steps", type=int, default=600, help="generator updates per run")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--data-root", default=".gpu/data", help="where MNIST/raw is (else mnist-mini)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain-loop rows")
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="train_speed-"))
+    folder = random_folder(work / "random64") if 64 in args.sizes else None
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" \
+        else "CPU"
+    print(f"{name}, torch {torch.__version__}; {args.steps} steps per run, median img/s of the log "
+          f"lines after the first", flush=True)
+    header = f"| {'script':<14} | {'data':<9} | {'mode':<11} | {'kernels':<7} | {'img/s':>9} | " \
+             f"{'vs eager':>8} | {'first log (s)':>13} |"
+    print(header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    for size in args.sizes:
+        data = "mnist" if size == 32 else folder
+        for script in args.scripts:
+            for kernels in (["triton", "torch"] if script in ("wgan.py", "wgan_gp.py") else ["-"]):
+                eager = None
+                for mode in args.modes:
+                    env = {"GAN_KERNELS": "torch"} if kernels == "torch" else {}
+                    flags = MODES[mode] + (["--img-size", "64"] if size == 64 else [])
+                    out = work / f"{script}-{size}-{mode}-{kernels}"
+                    r = run_script(script, data, flags, env, args, out)
+                    row(script, f"{size}x{size}", mode, kernels, r, eager)
+                    eager = r.get("ips") if mode == "eager" else eager
+            if script in ("dcgan.py", "wgan_gp.py") and not args.no_plain:
+                try:
+                    row(script, f"{size}x{size}", "plain loop", "torch" if "gp" in script else "-",
+                        plain_loop(script, data, args), None)
+                except Exception as e:
+                    row(script, f"{size}x{size}", "plain loop", "-", {"error": str(e)[:70]}, None)
+
+
+def row(script, data, mode, kernels, r, eager):
+    if "error" in r:
+        print(f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['error']} |",
+              flush=True)
+        return
+    ratio = f"{r['ips'] / eager:7.2f}x" if eager else f"{'':>8}"
+    first = f"{r['first']:13.1f}" if r["first"] else f"{'':>13}"
+    print(f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['ips']:9,.0f} | {ratio} | "
+          f"{first} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
