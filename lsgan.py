@@ -617,7 +617,8 @@ class Run:
     def __init__(self, args):
         self.args, self.handlers, self.lock = args, {}, None
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.stop, self.training, self.failing = 0, False, 0  # stop: the exit status to stop with
+        self.stop, self.training = 0, False                 # stop: the exit status to stop with
+        self.bad = self.good = self.warned = 0              # failing and healthy log lines in a row
 
     def open(self):
         args, self.out, self.ckpt, self.last_good = self.args, Path(self.args.out), None, None
@@ -824,10 +825,12 @@ class Run:
         print(f"[{self.step:>{len(str(total))}}/{total}] {values} | {ips:,.0f} img/s | "
               f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s left", flush=True)
         sign = failing(means, self.args)                     # the loss family's sign of failure
-        self.failing = self.failing + 1 if sign else 0
-        if self.failing == 5:                                # five log lines in a row: say it once
-            warn(f"step {self.step}: training is failing: {sign}. Try an earlier snapshot "
-                 f"(--resume {self.out}/step_<N>.pt) or the remedy in the README (Long runs)")
+        self.bad, self.good = (self.bad + 1, 0) if sign else (0, self.good + 1)
+        self.warned = self.warned and self.good < 20         # 20 healthy lines: a new episode
+        if self.bad >= 5 and not self.warned:                # 5 failing lines in a row: say it once
+            self.warned = True
+            warn(f"step {self.step}: training is failing: {sign}. Earlier snapshots are in "
+                 f"{self.out}/step_<N>.pt; README, Long runs, has the remedy")
             self.stop = self.stop or (3 if self.args.stop_on_collapse else 0)
         self.sums.zero_()
         self.count, self.images, self.t0 = 0, 0, time.time()

@@ -40,7 +40,7 @@ FAILING = ["--ngf", 1, "--lr", "2e-3", "--steps", 200, "--log-every", 10]   # G 
 def test_the_warning_fires_on_a_run_built_to_fail(data, capsys):
     run(S, "--data", data, "--device", "cpu", "--out", "out", *FAILING)
     said = warnings_in(capsys.readouterr().err)
-    assert len(said) == 1 and "D wins" in said[0] and "step_<N>.pt" in said[0], said
+    assert len(said) == 1 and "D wins" in said[0] and "out/step_<N>.pt" in said[0], said
 
 
 def test_the_warning_is_silent_on_a_healthy_run(data, capsys):
@@ -49,19 +49,20 @@ def test_the_warning_is_silent_on_a_healthy_run(data, capsys):
 
 
 def test_the_warning_is_said_once_per_episode(data, monkeypatch, capsys):
-    """Failing log lines 1-8, healthy 9, failing 10-16: two episodes, two warnings (after five
-    failing lines in a row: at lines 5 and 14)."""
+    """Failing log lines 1-8, healthy 9, failing 10-16 (one episode: it ends after 20 healthy lines
+    in a row), healthy 17-36, failing 37-45: two warnings, after five failing lines in a row."""
     module = load_script(S)
-    monkeypatch.setattr(module, "failing", lambda m, args: None if m["step"] == 9 else "a sign")
+    healthy = {9, *range(17, 37)}
+    monkeypatch.setattr(module, "failing", lambda m, args: None if m["step"] in healthy else "x")
     real_log = module.Run.log
 
     def log_with_the_step(self, **stats):                  # so that failing() sees the step
         real_log(self, step=module.torch.tensor(self.step + 1.0), **stats)
 
     monkeypatch.setattr(module.Run, "log", log_with_the_step)
-    run(S, "--data", data, "--device", "cpu", "--out", "out", "--steps", 16, "--log-every", 1)
+    run(S, "--data", data, "--device", "cpu", "--out", "out", "--steps", 45, "--log-every", 1)
     said = warnings_in(capsys.readouterr().err)
-    assert [line.split("step ")[1].split(":")[0] for line in said] == ["5", "14"]
+    assert [line.split("step ")[1].split(":")[0] for line in said] == ["5", "41"]
 
 
 def test_stop_on_collapse_saves_and_exits_with_status_3(tmp_path, data, capsys):
