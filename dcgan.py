@@ -757,8 +757,9 @@ class Run:
             snapshots = [self.out / f"step_{step:06d}.pt"] if step % keep == 0 else []
             if step % args.ckpt_every == 0 or step == args.steps or stop or snapshots:
                 self.save(self.out / "last.pt", *snapshots)
-            if stop:
-                print(f"stopped at step {step}; continue with: {continue_command(args.argv)}")
+            if stop:                                         # 130: a signal; 3: failing training
+                print(f"stopped at step {step}; " + (f"continue with: {continue_command(args.argv)}"
+                      if stop == 130 else f"training is failing; snapshots: {self.out}/step_*.pt"))
                 raise SystemExit(stop)
         print(f"done: samples in {self.out / 'samples'}, checkpoint {self.out / 'last.pt'}")
 
