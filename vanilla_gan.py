@@ -538,7 +538,7 @@ def save_atomic(state, path):
         torch.save(state, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:                    # (a full disk: RuntimeError in torch)
-        fail(f"could not write {path} ({why(e)}); the previous checkpoint is kept")
+        fail(f"could not write {path}, is the disk full? ({why(e)}); the last checkpoint is kept")
     finally:
         tmp.unlink(missing_ok=True)
 

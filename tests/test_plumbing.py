@@ -262,7 +262,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch):
     monkeypatch.setattr(module.torch, "save", full_disk)
     msg = error_of(S, "--steps", 4, "--out", "out", "--resume")
     monkeypatch.setattr(module.torch, "save", real_save)
-    assert "No space left on device" in msg and "previous checkpoint is kept" in msg
+    assert "No space left on device" in msg and "last checkpoint is kept" in msg
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if "tmp" in p.name) == []
     assert tensors_equal(load("out/last.pt"), before) == []
 
