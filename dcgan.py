@@ -817,7 +817,8 @@ class Run:
         values = " ".join(f"{k} {v:.3f}" for k, v in means.items())
         print(f"[{self.step:>{len(str(total))}}/{total}] {values} | {ips:,.0f} img/s | "
               f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s left", flush=True)
-        sign = failing(means, self.args)                     # the loss family's sign of failure
+        warm = self.step <= min(1000, self.args.steps // 10)  # at first D often wins for a while
+        sign = None if warm else failing(means, self.args)   # the loss family's sign of failure
         self.bad, self.good = (self.bad + 1, 0) if sign else (0, self.good + 1)
         self.warned = self.warned and self.good < 20         # 20 healthy lines: a new episode
         if self.bad >= 5 and not self.warned:                # 5 failing lines in a row: say it once
