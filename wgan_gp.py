@@ -719,8 +719,9 @@ class Run:
             self.autocast = torch.autocast("cuda", torch.bfloat16)
         for flag in [f for f in ("amp", "compile") if getattr(args, f) and not self.fused]:
             print(f"--{flag} is for CUDA; running without it on {self.device.type}")
-        if self.world > 1:                                  # gradients averaged over the processes
-            G, D = (torch.nn.parallel.DistributedDataParallel(net) for net in (G, D))
+        if self.world > 1:                                  # gradients averaged over the processes;
+            G, D = (torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+                    for net in (G, D))                      # BatchNorm statistics: each its own
             print(f"{self.world} processes: batch {args.batch_size} each, "
                   f"{args.batch_size * self.world} in all")
         return (torch.compile(G), torch.compile(D)) if args.compile and self.fused else (G, D)
@@ -821,6 +822,9 @@ class Run:
             state.update(fixed_labels=self.fixed[1], classes=self.data["classes"])
         for path in paths if self.rank == 0 else []:        # rank 0 alone writes files
             save_atomic(state, path)
+        if self.world > 1:            # the others wait for the files. The handle outlives close():
+            self.saved = dist.barrier(async_op=True)    # torch < 2.8 can hang destroying the group
+            self.saved.wait()         # if gloo's threads still hold a collective's tensors then
         self.last_good = paths[0]
 
     def write_log(self):
