@@ -80,7 +80,7 @@ def test_stop_on_collapse_saves_and_exits_with_status_3(tmp_path, data, capsys):
     ("lsgan.py", {"D_x": 0.8, "D_G_z": 0.2}, {"D_x": 0.99, "D_G_z": 0.02}),
     ("acgan.py", {"D_x": 0.8, "D_G_z": 0.2, "acc_real": 0.99, "acc_fake": 0.97},
      {"D_x": 0.8, "D_G_z": 0.2, "acc_real": 0.85, "acc_fake": 0.99}),
-    ("ebgan.py", {"energy_fake": 0.2}, {"energy_fake": 0.299}),
+    ("ebgan.py", {"pull_away": 0.15}, {"pull_away": 0.5}),
     ("wgan.py", {"wasserstein": 0.05}, {"wasserstein": 2e-5}),
     ("wgan_gp.py", {"wasserstein": 3.0}, {"wasserstein": 5e3}),
 ])
