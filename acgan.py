@@ -200,7 +200,8 @@ def train(run):
 # %% Plumbing shared by every script ==============================================================
 # The same in every script down to the end marker: data, checkpoints, logs, errors, Ctrl-C. The
 # source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
-import argparse, copy, csv, gzip, hashlib, os, shlex, shutil, signal, struct, sys, time  # noqa: E401
+import argparse, copy, csv, gzip, hashlib, os, shlex  # noqa: E401
+import shutil, signal, struct, sys, time  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
