@@ -251,8 +251,8 @@ def make_parser(doc):
     g = p.add_argument_group("shared by every script").add_argument
     g("--data", default="mnist", help="mnist, fashion-mnist, cifar10, mnist-mini, or a folder")
     g("--data-root", default="./data", help="where named datasets are found or downloaded")
-    g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} for MNIST-like data, "
-                                   f"{PHOTO_IMG_SIZE} for a folder")
+    g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} (MNIST-like), {PHOTO_IMG_SIZE} (a "
+                                   f"folder)")
     g("--channels", type=int, choices=(1, 3), help="default: the data's")
     g("--out", help="output folder (default: runs/<script name>)")
     g("--sample-every", type=int, default=500, help="steps between sample grids")
@@ -287,13 +287,13 @@ def parse(p, argv):
         setattr(args, k, p.get_default(k))
     args.given, args.argv, args.betas = sorted(given), argv, tuple(args.betas)
     args.out = args.out or f"runs/{SCRIPT[:-3]}"
-    check(args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}")
-    check(0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}")
     for k in ("steps", "batch_size", "latent_dim", "sample_every", "ckpt_every", "log_every"):
         n = getattr(args, k)
         check(0 < n <= 2 ** 31, f"--{k.replace('_', '-')} must be a positive integer, got {n}")
     check(args.batch_size <= 65536, "--batch-size must be at most 65536")
     check(0 <= args.seed < 2 ** 63, f"--seed must be in 0..2^63-1, got {args.seed}")
+    check(args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}")
+    check(0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}")
     check(args.lr > 0, f"--lr must be positive, got {args.lr}")
     check(all(0 <= b < 1 for b in args.betas), f"--betas must lie in [0, 1), got {args.betas}")
     check((args.generate or 1) > 0, f"--generate must be positive, got {args.generate}")
@@ -317,23 +317,21 @@ def pick_device(name):
 def writable(out):
     """Say in one line, before anything slow starts, when --out cannot be written to."""
     parent = next(p for p in (out, *out.resolve().parents) if p.exists())
-    check(parent.is_dir() and os.access(parent, os.W_OK), f"--out {out}: cannot write there "
-                                                          f"({parent} is not a writable folder)")
+    check(parent.is_dir() and os.access(parent, os.W_OK),
+          f"--out {out}: cannot write there ({parent} is not a writable folder)")
 
 
-def claim(out, lock=True):
-    """Create --out, then lock it, so that two runs never write one folder. The operating system
-    frees the lock when a process ends."""
+def claim(out):
+    """Create --out and lock it, so that two runs never write one folder. The operating system
+    frees the lock when the process ends. (Windows: no lock.)"""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a")
-        if lock and os.name == "posix":                      # (Windows: no lock)
+        if os.name == "posix":
             import fcntl
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fail(f"another run is writing to {out}; wait for it to end, or give another --out")
-    except OSError as e:
-        fail(f"--out {out}: cannot write there ({why(e)})")
     return f
 
 
@@ -341,10 +339,8 @@ def claim(out, lock=True):
 def load_data(args, device):
     """uint8 images (N, C, H, W), int64 labels (cgan.py, acgan.py) and class names, kept on the
     training device when they fit, so that a batch is an index into them, not a DataLoader."""
-    if args.data in DATASETS:
-        images, labels, classes = load_named(args, device)
-    else:
-        images, labels, classes = load_folder(args)
+    load = load_named if args.data in DATASETS else load_folder
+    images, labels, classes = load(args, device)
     about = f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""
     print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x"
           f"{args.img_size}{about}")
@@ -363,9 +359,9 @@ def sample_real(data, batch_size, device, with_labels=False):
 
 
 def load_named(args, device="cpu"):
-    """MNIST, Fashion-MNIST, CIFAR-10 via torchvision; IDX files on disk are read where they lie,
-    gzipped or not (also read-only). Offline, MNIST falls back to the bundled mnist-mini. Resized
-    on `device` (a GPU does 60,000 images in milliseconds)."""
+    """MNIST, Fashion-MNIST, CIFAR-10: IDX files are read where they lie (gzipped or not, also
+    read-only), else torchvision downloads; offline, MNIST falls back to the bundled mnist-mini.
+    Resized on `device` (a GPU does 60,000 images in milliseconds)."""
     root = Path(args.data_root).expanduser()
     if args.data == "mnist-mini":
         images, labels = load_mini()
@@ -402,12 +398,11 @@ def read_idx(raw):
                 b = f.read()
             shape = struct.unpack(f">{b[3]}I", b[4:4 + 4 * b[3]])
             arrays.append(np.frombuffer(b, np.uint8, offset=4 + 4 * b[3]).reshape(shape).copy())
-            if b[:3] != b"\0\0\x08" or shape[0] == 0:
-                raise ValueError("not an IDX file of bytes, or empty")
+            check(b[:3] == b"\0\0\x08" and shape[0] > 0, f"{path} is not an IDX file of bytes")
         except Exception as e:                              # not gzip, truncated, ...
             fail(f"{path} is not a complete IDX file ({why(e)}); delete it to download it again")
-    check(len(arrays[0]) == len(arrays[1]), f"{raw}: {len(arrays[0])} images but {len(arrays[1])} "
-                                            f"labels; delete both files to download them again")
+    check(len(arrays[0]) == len(arrays[1]),
+          f"{raw}: fewer labels than images; delete both files to download them again")
     return arrays
 
 
@@ -440,10 +435,10 @@ def load_mini(offline=""):
          f"train on your own images: {call}")
 
 
-def load_folder(args):
-    """Every image under the folder (recursively; not the outputs of runs), short side resized and
-    centre-cropped to --img-size. Decoded once, cached outside the folder (it may be read-only).
-    In cgan.py and acgan.py each first-level subfolder is a class."""
+def load_folder(args, device=None):
+    """Every image under the folder (recursively; not hidden files, nor the outputs of runs), short
+    side resized and centre-cropped to --img-size. Decoded once, then read from a cache outside the
+    folder (it may be read-only). In cgan.py and acgan.py each first-level subfolder is a class."""
     root = Path(args.data).expanduser()
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
@@ -451,20 +446,21 @@ def load_folder(args):
     args.img_size, args.channels = args.img_size or PHOTO_IMG_SIZE, args.channels or 3
     runs = {Path(args.out).resolve(), *(lock.parent.resolve() for lock in root.rglob(".lock"))}
     files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file()
-                   and "/." not in "/" + f.relative_to(root).as_posix()   # no hidden files
-                   and runs.isdisjoint(f.resolve().parents))              # nor runs' outputs
+                   and "/." not in "/" + f.relative_to(root).as_posix()
+                   and runs.isdisjoint(f.resolve().parents))
     check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
-    name = f"{root.resolve().name}-{digest(root.resolve())}-{args.img_size}px-{args.channels}ch"
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    cache = cache_dir() / f"{name}-{digest(stats)}.npz"     # a changed file: a new cache
-    images, keep = read_cache(cache)
+    key = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    name = f"{root.resolve().name}-{digest(root.resolve())}-{args.img_size}px-{args.channels}ch.npz"
+    cache = Path(os.environ.get("GAN_CACHE_DIR") or Path.home() / ".cache/gan-scripts").expanduser()
+    cache /= name
+    images, keep = read_cache(cache, key)                   # one cache per folder and size
     if images is None:
         with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:  # PIL decodes, GIL released
             decoded = list(pool.map(lambda f: decode_image(f, args.img_size, args.channels), files))
         keep = np.array([not isinstance(d, str) for d in decoded])
         check(keep.any(), f"none of the {len(files)} images under {root} is readable: {decoded[0]}")
         images = np.ascontiguousarray(np.stack([d for d in decoded if not isinstance(d, str)]))
-        write_cache(cache, name, images=images, keep=keep)
+        write_cache(cache, images=images, keep=keep, key=key)
     if not keep.all():
         warn(f"skipped {(~keep).sum()} of {len(files)} images that could not be read "
              f"(the first: {files[keep.argmin()].name})")
@@ -502,34 +498,30 @@ def digest(value):
     return hashlib.sha1(repr(value).encode()).hexdigest()[:12]
 
 
-def cache_dir():
-    return Path(os.environ.get("GAN_CACHE_DIR") or Path.home() / ".cache/gan-scripts").expanduser()
-
-
-def read_cache(cache):
+def read_cache(cache, key):
+    """The decoded images, if the cache holds those of these files (key: names, sizes, times)."""
     try:
         with np.load(cache) as f:
-            images, keep = f["images"], f["keep"]
-        print(f"data: {len(images)} images from the decode cache {cache}")
-        return images, keep
+            if str(f["key"]) == key:
+                print(f"data: {len(f['images'])} images from the decode cache {cache}")
+                return f["images"], f["keep"]
     except FileNotFoundError:
-        return None, None
+        pass
     except Exception as e:                                  # truncated, or not a cache at all
         warn(f"the decode cache {cache} is damaged ({why(e)}); decoding again")
-        return None, None
+    return None, None
 
 
-def write_cache(cache, name, **arrays):
-    """Atomically, as the only cache of this folder at this size: older ones are removed."""
+def write_cache(cache, **arrays):
+    """Atomically (a temporary file, then a rename); partial files of killed runs are removed."""
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, cache)
-        for old in cache.parent.iterdir():                  # and partial writes of killed runs
-            if (old != cache and old.name.lstrip(".").startswith(name + "-")
-                    and (old.suffix == ".npz" or time.time() - old.stat().st_mtime > 3600)):
+        for old in cache.parent.glob(f".{cache.name}.*.tmp"):
+            if time.time() - old.stat().st_mtime > 3600:
                 old.unlink(missing_ok=True)
         print(f"data: decoded once, cached at {cache}")
     except OSError as e:
@@ -577,11 +569,10 @@ def save_atomic(state, path):
 def generate(args):
     """--generate N: N images from the checkpoint's G as <index>.png (conditional scripts:
     <label>_<index>.png, the labels cycling through the classes, or all --label)."""
-    device = pick_device(args.device)
+    device, out = pick_device(args.device), Path(args.out)
     torch.manual_seed(args.seed)
-    ckpt = load_checkpoint(Path(args.ckpt or Path(args.out, "last.pt")), args, device)
-    out = Path(args.out)
-    claim(out, lock=False).close()
+    ckpt = load_checkpoint(Path(args.ckpt or out / "last.pt"), args, device)
+    writable(out)
     G = build_models(args)[0].to(device).eval()
     load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")       # --ema's average of G, when saved
     n = len(ckpt.get("classes") or [0])
@@ -594,8 +585,14 @@ def generate(args):
             images = G(z, labels.to(device)) if CONDITIONAL else G(z)
             for i, label, image in zip(index.tolist(), labels.tolist(), images):
                 name = f"{label}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png"
-                save_image(image.float(), out / name, normalize=True, value_range=(-1, 1))
+                save_grid(image, out / name)
     print(f"wrote {args.generate} images to {out}")
+
+
+def save_grid(images, path):
+    """Images in [-1, 1] as one PNG, 8 to a row (torchvision's make_grid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float(), path, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
 
 
 def spectral_norm_(D):
@@ -611,26 +608,20 @@ def spectral_norm_(D):
     return D
 
 
-def save_grid(images, path):
-    """Images in [-1, 1] as one PNG, 8 to a row (torchvision's make_grid)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float(), path, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
-
-
 # %% The run: everything around the paper's loop
 class Run:
     """What train() needs besides the paper: the device, --out and its lock, the data, --resume, the
     fixed noise of the sample grids, the log, checkpoints, NaN/inf checks, Ctrl-C and SIGTERM."""
 
     def __init__(self, args):
-        self.args, self.handlers, self.lock = args, {}, None
+        self.args, self.out, self.handlers, self.lock = args, Path(args.out), {}, None
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.stop, self.training = 0, False                 # stop: the exit status to stop with
+        self.ckpt = self.last_good = None                   # --resume's checkpoint, the last saved
+        self.stop = self.training = 0                       # stop: the exit status to stop with
         self.bad = self.good = self.warned = 0              # failing and healthy log lines in a row
 
     def open(self):
-        args, self.out, self.ckpt, self.last_good = self.args, Path(self.args.out), None, None
-        self.device = pick_device(args.device)
+        args, self.device = self.args, pick_device(self.args.device)
         self.fused = self.device.type == "cuda"             # one kernel for a whole optimizer step
         if self.world > 1:                                  # torchrun: a process per device
             if self.fused:
@@ -651,8 +642,7 @@ class Run:
         torch.manual_seed(args.seed + self.rank)            # each process its own random stream
         self.data = load_data(args, self.device)
         self.lock = claim(self.out) if self.rank == 0 else None
-        ours = self.data["classes"]
-        theirs = (self.ckpt or {}).get("classes", ours)
+        ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
         check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
                               f"; this data has {', '.join(ours or [])}")
         return self
@@ -693,14 +683,13 @@ class Run:
         if self.rank == 0:
             save_grid(images[pick.to(images.device)] / 127.5 - 1, self.out / "real.png")
         self.log_rows = read_log(self.out / "log.csv", self.step)
-        self.autocast = nullcontext()
-        if args.amp and self.fused and torch.cuda.get_device_capability(self.device)[0] < 8:
-            print("--amp: this GPU has no native bfloat16 (compute capability < 8.0, such as "
-                  "a T4 or P100); running in float32")
-        elif args.amp and self.fused:
-            self.autocast = torch.autocast("cuda", torch.bfloat16)
+        bf16 = self.fused and torch.cuda.get_device_capability(self.device)[0] >= 8
+        amp = torch.autocast("cuda", torch.bfloat16) if args.amp and bf16 else None
+        self.autocast = amp or nullcontext()
         for flag in [f for f in ("amp", "compile") if getattr(args, f) and not self.fused]:
             print(f"--{flag} is for CUDA; running without it on {self.device.type}")
+        if args.amp and self.fused and not bf16:
+            print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
         if self.world > 1:                                  # gradients averaged over the processes;
             G, D = (torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
                     for net in (G, D))                      # BatchNorm statistics: each its own
@@ -710,8 +699,7 @@ class Run:
 
     def restore(self, ckpt):
         """Models, optimizer moments, fixed noise, step and random streams; the optimizers keep
-        the hyperparameters of this run's flags (--lr, --betas), which are the checkpoint's unless
-        given again."""
+        this run's --lr and --betas (the checkpoint's unless given again)."""
         for name, obj in self.nets.items():
             groups = getattr(obj, "param_groups", [])       # an optimizer's: lr, betas, ...
             flags = [{k: v for k, v in group.items() if k != "params"} for group in groups]
@@ -746,31 +734,30 @@ class Run:
         self.bad_step = torch.where(ok, self.bad_step, self.step + 1)
 
     def steps(self):
-        """The step numbers from the checkpoint's to --steps. After each step: the log line, sample
-        grids, last.pt and the kept snapshots, and a clean stop on Ctrl-C, SIGTERM or (with
-        --stop-on-collapse) failed training."""
+        """The step numbers from the checkpoint's to --steps. After each step: --ema's average, the
+        log line, sample grids, last.pt and the kept snapshots, and a clean stop on Ctrl-C, SIGTERM
+        or (with --stop-on-collapse) failed training."""
         args, self.training = self.args, True
         keep = args.keep_every or max(1, args.steps // 5)    # by default a run keeps five snapshots
         for step in range(self.step + 1, args.steps + 1):
             yield step
-            self.step = step
+            self.step, G = step, self.nets["G"]
             if args.ema:                                     # G_ema = decay G_ema + (1 - decay) G
                 with torch.no_grad():
-                    G, G_ema = self.nets["G"], self.nets["G_ema"]
-                    for average, now in zip(G_ema.parameters(), G.parameters()):
+                    for average, now in zip(self.nets["G_ema"].parameters(), G.parameters()):
                         average.lerp_(now, 1 - args.ema)
-                    for copied, now in zip(G_ema.buffers(), G.buffers()):  # BatchNorm statistics
-                        copied.copy_(now)
+                    for copied, now in zip(self.nets["G_ema"].buffers(), G.buffers()):
+                        copied.copy_(now)                    # BatchNorm's running statistics
             # the processes of a torchrun agree on stopping at log lines only (write_log)
             sync = step % args.log_every == 0 or step == args.steps or self.world == 1 and self.stop
             if sync:
                 self.write_log()                             # (may set self.stop: collapse)
             stop = self.stop if sync else 0                  # a signal may come at any line
             if self.rank == 0 and (step % args.sample_every == 0 or step == args.steps or stop):
-                G = self.nets["G_ema"] if args.ema else self.nets["G"].eval()  # running stats
                 with torch.no_grad(), self.autocast:
-                    save_grid(G(*self.fixed), self.out / "samples" / f"{step:06d}.png")
-                self.nets["G"].train()
+                    sampler = self.nets["G_ema"] if args.ema else G.eval()  # running statistics
+                    save_grid(sampler(*self.fixed), self.out / "samples" / f"{step:06d}.png")
+                G.train()
             snapshots = [self.out / f"step_{step:06d}.pt"] if step % keep == 0 else []
             if step % args.ckpt_every == 0 or step == args.steps or stop or snapshots:
                 self.save(self.out / "last.pt", *snapshots)
@@ -810,13 +797,13 @@ class Run:
         self.last_good = paths[0]
 
     def write_log(self):
-        """A row of log.csv, loss.png, and the progress line. The log never stops a run. Under
-        torchrun: the means over all processes, and all agree on a NaN/inf or a stop."""
+        """A row of log.csv, loss.png, the progress line, and the warning when training is failing.
+        The log never stops a run. Under torchrun: the means over all processes, and all agree on a
+        NaN/inf or a stop."""
         if self.world > 1:
             dist.all_reduce(self.sums)
             self.sums /= self.world
-            agreed = torch.stack([self.bad_step.float(), torch.tensor(float(self.stop))
-                                  .to(self.sums.device)])
+            agreed = torch.stack([self.bad_step.float(), self.sums.new_tensor(float(self.stop))])
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             self.bad_step, self.stop = agreed[0].long(), int(agreed[1])
         self.check_finite()
