@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--ngf", type=int, default=64, help="G's width: its last hidden layer's")
     p.add_argument("--ndf", type=int, default=64, help="D's width: its encoder's first layer's")
     p.add_argument("--code-dim", type=int, default=64, help="size of D's code, between its halves")
+    p.add_argument("--no-d-batchnorm", action="store_true",
+                   help="no BatchNorm in D: slower to learn, but it did not collapse in our long "
+                        "runs (README, Long runs)")
     args = parse(p, argv)
     check(args.img_size in (None, 16, 32, 64, 128, 256), "--img-size must be 16, 32, ..., 256")
     widths = (args.ngf, args.ndf, args.code_dim)
@@ -133,6 +136,10 @@ def build_models(args):
     D = AutoencoderD(args.channels, args.img_size, args.ndf, args.code_dim)
     G.apply(init_weights)
     D.apply(init_weights)
+    for module in list(D.modules()) if args.no_d_batchnorm else []:  # README, Long runs
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(module, name, nn.Identity())
     return G, D
 
 
