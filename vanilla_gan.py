@@ -472,9 +472,10 @@ def read_cache(cache, key):
     """The decoded images, if the cache holds those of these files (key: names, sizes, times)."""
     try:
         with np.load(cache) as f:
-            if str(f["key"]) == key:
-                print(f"data: {len(f['images'])} images from the decode cache {cache}")
-                return f["images"], f["keep"]
+            if str(f["key"]) == key:                       # (each f[...] reads the file)
+                images, keep = f["images"], f["keep"]
+                print(f"data: {len(images)} images from the decode cache {cache}")
+                return images, keep
     except FileNotFoundError:
         pass
     except Exception as e:                                  # truncated, or not a cache at all

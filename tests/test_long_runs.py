@@ -99,24 +99,31 @@ def test_bad_keep_every(data):
     assert "--keep-every" in error_of(S, "--data", data, "--keep-every", -1)
 
 
+def resumed_exactly(script, tmp_path, flag):
+    """Four steps with `flag` straight, and two plus two with a --resume between: the two
+    checkpoints must be equal. Returns the checkpoint and the models rebuilt from its flags."""
+    module = load_script(script)
+    flags = ["--data", data_for(script, tmp_path), "--device", "cpu", flag, "--log-every", 2]
+    run(script, *flags, "--steps", 4, "--out", "straight")
+    run(script, *flags, "--steps", 2, "--out", "split")
+    run(script, "--steps", 4, "--out", "split", "--resume")
+    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "split" / "last.pt")
+    assert tensors_equal(a, b) == []
+    args = module.parse_args([])
+    vars(args).update(a["args"])
+    G, D = module.build_models(args)
+    D.load_state_dict(a["D"])
+    return a, G, D
+
+
 @pytest.mark.parametrize("script", ["vanilla_gan.py", "dcgan.py", "cgan.py", "acgan.py",
                                     "lsgan.py"])
 def test_spectral_norm_replaces_batchnorm_in_D_and_resumes_exactly(script, tmp_path):
     """The remedy for long runs: no BatchNorm in D, every conv and linear layer normalised by its
     largest singular value (power iteration state in the checkpoint), and exact resume."""
-    module = load_script(script)
-    nn = module.nn
-    data = data_for(script, tmp_path)
-    flags = ["--data", data, "--device", "cpu", "--spectral-norm", "--log-every", 2]
-    run(script, *flags, "--steps", 4, "--out", "straight")
-    run(script, *flags, "--steps", 2, "--out", "split")
-    run(script, "--steps", 4, "--out", "split", "--resume")
-    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "split" / "last.pt")
-    assert tensors_equal(a, b) == [] and any("_u" in k for k in a["D"])
-    args = module.parse_args([])
-    vars(args).update(a["args"])
-    D = module.build_models(args)[1]
-    D.load_state_dict(a["D"])
+    nn = load_script(script).nn
+    ckpt, _, D = resumed_exactly(script, tmp_path, "--spectral-norm")
+    assert any("_u" in k for k in ckpt["D"])
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
     layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert layers and all(nn.utils.parametrize.is_parametrized(m, "weight") for m in layers)
@@ -125,19 +132,8 @@ def test_spectral_norm_replaces_batchnorm_in_D_and_resumes_exactly(script, tmp_p
 def test_ebgan_without_batchnorm_in_D_resumes_exactly(tmp_path):
     """ebgan.py --no-d-batchnorm: D's encoder and decoder hold no BatchNorm (checked on the model
     rebuilt from the checkpoint's flags), G keeps its own, and resume stays exact."""
-    script = "ebgan.py"
-    module = load_script(script)
-    data = data_for(script, tmp_path)
-    flags = ["--data", data, "--device", "cpu", "--no-d-batchnorm", "--log-every", 2]
-    run(script, *flags, "--steps", 4, "--out", "straight")
-    run(script, *flags, "--steps", 2, "--out", "split")
-    run(script, "--steps", 4, "--out", "split", "--resume")
-    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "split" / "last.pt")
-    assert tensors_equal(a, b) == [] and a["args"]["no_d_batchnorm"]
-    args = module.parse_args([])
-    vars(args).update(a["args"])
-    G, D = module.build_models(args)
-    D.load_state_dict(a["D"])
-    batchnorm = module.nn.modules.batchnorm._BatchNorm
+    ckpt, G, D = resumed_exactly("ebgan.py", tmp_path, "--no-d-batchnorm")
+    assert ckpt["args"]["no_d_batchnorm"]
+    batchnorm = load_script("ebgan.py").nn.modules.batchnorm._BatchNorm
     assert not any(isinstance(m, batchnorm) for m in D.modules())
     assert any(isinstance(m, batchnorm) for m in G.modules())
