@@ -583,6 +583,7 @@ def spectral_norm_(D):
 class Run:
     """What train() needs besides the paper: the device, --out and its lock, the data, --resume, the
     fixed noise of the sample grids, the log, checkpoints, NaN/inf checks, Ctrl-C and SIGTERM."""
+    observers = []                                          # see log()
 
     def __init__(self, args):
         self.args, self.out, self.handlers, self.lock = args, Path(args.out), {}, None
@@ -694,7 +695,8 @@ class Run:
 
     def log(self, **stats):
         """The step's numbers by name, summed on the device (no host sync) until the next log line,
-        with the first step at which one of them was NaN or inf."""
+        with the first step at which one of them was NaN or inf. Then Run.observers, functions
+        f(run, stats) that get them every step (run.step: this step), e.g. to plot in a notebook."""
         values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
         if self.sums is None:
             self.names, self.sums, self.count = list(stats), torch.zeros_like(values), 0
@@ -702,7 +704,9 @@ class Run:
         self.sums += values
         self.count += 1
         ok = torch.isfinite(values).all() | (self.bad_step >= 0)
-        self.bad_step = torch.where(ok, self.bad_step, self.step + 1)
+        self.bad_step = torch.where(ok, self.bad_step, self.step)
+        for observe in self.observers:
+            observe(self, stats)
 
     def steps(self):
         """The step numbers from the checkpoint's to --steps. After each step: --ema's average, the
@@ -711,8 +715,9 @@ class Run:
         args, self.training = self.args, True
         keep = args.keep_every or max(1, args.steps // 5)    # by default a run keeps five snapshots
         for step in range(self.step + 1, args.steps + 1):
+            self.step = step
             yield step
-            self.step, G = step, self.nets["G"]
+            G = self.nets["G"]
             if args.ema:                                     # G_ema = decay G_ema + (1 - decay) G
                 with torch.no_grad():
                     for average, now in zip(self.nets["G_ema"].parameters(), G.parameters()):

@@ -149,14 +149,12 @@ def test_ctrl_c_prints_the_command_that_continues(tmp_path, data, monkeypatch, c
     out = tmp_path / "my runs" / "a"
     flags = ["--data", str(data), "--batch-size", "4", "--steps", "6", "--out", str(out)]
     module = load_script(S)
-    original_log = module.Run.log
 
-    def interrupt_at_step_2(self, **stats):
-        original_log(self, **stats)
-        if self.step == 1:                                   # during step 2: Ctrl-C
+    def interrupt_at_step_2(run, stats):
+        if run.step == 2:                                    # during step 2: Ctrl-C
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(module.Run, "log", interrupt_at_step_2)
+    monkeypatch.setattr(module.Run, "observers", [interrupt_at_step_2])
     with pytest.raises(SystemExit) as e:
         train(*flags)
     assert e.value.code == 130
@@ -165,7 +163,7 @@ def test_ctrl_c_prints_the_command_that_continues(tmp_path, data, monkeypatch, c
     command = printed.split("continue with: ")[1].splitlines()[0]
     assert f"'{out}'" in command and command.endswith(" --resume")  # a path with a space, quoted
     assert load(out / "last.pt")["step"] == 2
-    monkeypatch.setattr(module.Run, "log", original_log)
+    monkeypatch.setattr(module.Run, "observers", [])
     import shlex
     argv = shlex.split(command)[2:]
     module.main(argv)
@@ -227,15 +225,13 @@ def test_a_checkpoint_is_written_only_with_finite_weights(tmp_path, monkeypatch)
     (computed before the update) were still finite, and that step's last.pt held the NaN weights.
     Here the update of step 2 makes a weight NaN: the checkpoint of step 2 must not be written."""
     module = load_script("vanilla_gan.py")
-    real_log = module.Run.log
 
-    def nan_update_in_step_2(self, **stats):
-        real_log(self, **stats)
-        if self.step == 1:                                   # the body of step 2, after its update
+    def nan_update_in_step_2(run, stats):
+        if run.step == 2:                                    # the body of step 2, after its update
             with torch.no_grad():
-                next(self.nets["G"].parameters()).view(-1)[0] = float("nan")
+                next(run.nets["G"].parameters()).view(-1)[0] = float("nan")
 
-    monkeypatch.setattr(module.Run, "log", nan_update_in_step_2)
+    monkeypatch.setattr(module.Run, "observers", [nan_update_in_step_2])
     data = make_folder(tmp_path / "images", n=8)
     msg = error_of("vanilla_gan.py", "--data", data, "--device", "cpu", "--steps", 5,
                    "--ckpt-every", 1, "--out", "out")
