@@ -200,9 +200,9 @@ def train(run):
 # The same in every script down to the end marker: data, checkpoints, logs, errors, Ctrl-C. The
 # source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
 import argparse, copy, csv, gzip, hashlib, os, shlex  # noqa: E401
-import shutil, signal, struct, sys, time  # noqa: E401
+import shutil, signal, struct, sys, time, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +221,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IPYTHON = sys.modules.get("IPython")    # a Jupyter kernel (Colab, Kaggle): argv is the kernel's
 NOTEBOOK = IPYTHON is not None and hasattr(IPYTHON.get_ipython(), "kernel")  # and errors print
 OWN_FLAGS = {"resume", "generate", "ckpt", "label", "device", "out", "given", "argv"}  # not resumed
+CKPT_KEYS = ("script", "step", "args", "G", "D", "opt_G", "opt_D", "fixed_noise", "rng")
 
 
 def fail(msg):
@@ -247,11 +248,11 @@ def main(argv=None):
     run = None
     try:
         args = parse_args(argv)
-        if args.generate:
+        if args.generate is not None:
             return generate(args)
         run = Run(args)
         return train(run.open())
-    except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C before the loop, twice
+    except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C while importing
         code = getattr(e, "code", 130)
     finally:
         if run:
@@ -305,7 +306,25 @@ def parse(p, argv):
     for k in set(vars(args)) - given:
         setattr(args, k, p.get_default(k))
     args.given, args.argv, args.betas = sorted(given), argv, tuple(args.betas)
-    args.out = args.out or f"runs/{SCRIPT[:-3]}"
+    check(args.generate is None or args.generate > 0, f"--generate must be positive, got "
+                                                      f"{args.generate}")
+    check(args.ckpt is None or args.generate is not None,
+          "--ckpt goes with --generate; to train on, --resume")
+    check(args.label is None or CONDITIONAL and args.generate is not None,
+          "--label goes with --generate, in cgan.py and acgan.py")
+    check("" not in (args.data, args.data_root, args.out, args.ckpt), "a path must not be empty")
+    name = args.data if args.data in DATASETS else expand(args.data).resolve().name
+    tag = "" if args.data == "mnist" else "-" + "".join(c if c.isalnum() or c in "._-" else "_"
+                                                        for c in name)
+    source = args.resume or args.ckpt                       # a checkpoint's folder, else by data
+    args.out = args.out or str(expand(source).parent if source else f"runs/{SCRIPT[:-3]}{tag}")
+    if args.resume is not None or args.generate is not None:  # the flags not given: its own
+        path = expand(source or Path(args.out) / "last.pt")
+        args.checkpoint = path, load_checkpoint(path, args)
+    for a in p._actions:                                    # the values, given or a checkpoint's
+        v = getattr(args, a.dest, None)
+        check(a.type is not float or np.isfinite(np.asarray(v, float)).all(),
+              f"{a.option_strings[0]} must be a finite number, got {v}")
     for k in ("steps", "batch_size", "latent_dim", "sample_every", "ckpt_every", "log_every"):
         n = getattr(args, k)
         check(0 < n <= 2 ** 31, f"--{k.replace('_', '-')} must be a positive integer, got {n}")
@@ -315,10 +334,6 @@ def parse(p, argv):
     check(0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}")
     check(args.lr > 0, f"--lr must be positive, got {args.lr}")
     check(all(0 <= b < 1 for b in args.betas), f"--betas must lie in [0, 1), got {args.betas}")
-    check((args.generate or 1) > 0, f"--generate must be positive, got {args.generate}")
-    check(args.ckpt is None or args.generate, "--ckpt goes with --generate; to train on, --resume")
-    check(args.label is None or CONDITIONAL and args.generate,
-          "--label goes with --generate, in cgan.py and acgan.py")
     return args
 
 
@@ -333,17 +348,31 @@ def pick_device(name):
     return torch.device(name)
 
 
-def writable(out):
-    """Say in one line, before anything slow starts, when --out cannot be written to."""
-    parent = next(p for p in (out, *out.resolve().parents) if p.exists())
-    check(parent.is_dir() and os.access(parent, os.W_OK),
-          f"--out {out}: cannot write there ({parent} is not a writable folder)")
+def expand(path):
+    """A path with ~ expanded; one line for ~nosuchuser, or ~ without a home folder."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as e:
+        fail(f"{path}: cannot expand ~ ({why(e)})")
+
+
+def make_dir(out):
+    """Create --out, or say in one line why it cannot be (a file, a dangling link, /proc).
+    Returns the folders it made, innermost first."""
+    made = [d for d in (out, *out.parents) if not d.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        check(os.access(out, os.W_OK), f"--out {out}: cannot write there")
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({why(e)})")
+    return made
 
 
 def claim(out):
-    """Create --out and lock it, so that two runs never write one folder. The operating system
-    frees the lock when the process ends. (Windows: no lock.)"""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create --out and lock it, before anything slow, so that two runs never write one folder (the
+    operating system frees the lock when the process ends; Windows: no lock). A temporary file in
+    it is then one of a save that was killed: removed."""
+    made = make_dir(out)
     f = open(out / ".lock", "a")
     try:
         if os.name == "posix":
@@ -351,7 +380,9 @@ def claim(out):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fail(f"another run is writing to {out}; wait for it to end, or give another --out")
-    return f
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    return f, made
 
 
 # %% Data
@@ -381,7 +412,7 @@ def load_named(args, device="cpu"):
     """MNIST, Fashion-MNIST, CIFAR-10: IDX files are read where they lie (gzipped or not, also
     read-only), else torchvision downloads; offline, MNIST falls back to the bundled mnist-mini.
     Resized on `device` (a GPU does 60,000 images in milliseconds)."""
-    root = Path(args.data_root).expanduser()
+    root = expand(args.data_root)
     if args.data == "mnist-mini":
         images, labels = load_mini()
     else:
@@ -391,6 +422,8 @@ def load_named(args, device="cpu"):
     args.img_size = args.img_size or SMALL_IMG_SIZE or x.shape[-1]
     x = torch.cat([fit(chunk.to(device), args.channels, args.img_size) for chunk in x.split(8192)])
     classes = CLASSES.get(args.data, "0,1,2,3,4,5,6,7,8,9").split(",")
+    check(0 <= labels.min() and labels.max() < len(classes), f"{args.data}: labels outside "
+          f"0..{len(classes) - 1} under {root}; delete its files to download them again")
     return x, torch.from_numpy(labels).long(), classes
 
 
@@ -426,7 +459,7 @@ def read_idx(raw):
 
 
 def download(name, root):
-    made = [d for d in (root, root / DATASETS[name]) if not d.exists()]
+    made = [d for d in (root / DATASETS[name], root, *root.parents) if not d.exists()]
     try:
         ds = getattr(torchvision.datasets, DATASETS[name])(str(root), train=True, download=True)
         images = np.asarray(ds.data)
@@ -434,7 +467,7 @@ def download(name, root):
         return images, np.asarray(ds.targets)
     except Exception as e:                                  # offline, a proxy, a read-only root
         if made:
-            shutil.rmtree(made[0], ignore_errors=True)      # leave no empty folder or partial file
+            shutil.rmtree(made[-1], ignore_errors=True)     # leave no empty folder or partial file
         check(name == "mnist", f"{name} is not under {root} and could not be downloaded ({why(e)})")
         return load_mini(f"MNIST is not under {root} and could not be downloaded ({why(e)})")
 
@@ -458,7 +491,7 @@ def load_folder(args, device=None):
     """Every image under the folder (recursively; not hidden files, nor the outputs of runs), short
     side resized and centre-cropped to --img-size. Decoded once, then read from a cache outside the
     folder (it may be read-only). In cgan.py and acgan.py each first-level subfolder is a class."""
-    root = Path(args.data).expanduser()
+    root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
     check(root.is_dir(), f"--data {args.data} is a file; give the folder that holds the images")
@@ -470,11 +503,11 @@ def load_folder(args, device=None):
     check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
     key = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     name = f"{root.resolve().name}-{digest(root.resolve())}-{args.img_size}px-{args.channels}ch.npz"
-    cache = Path(os.environ.get("GAN_CACHE_DIR") or Path.home() / ".cache/gan-scripts").expanduser()
-    cache /= name
+    cache = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts") / name
     images, keep = read_cache(cache, key)                   # one cache per folder and size
     if images is None:
-        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:  # PIL decodes, GIL released
+        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
             decoded = list(pool.map(lambda f: decode_image(f, args.img_size, args.channels), files))
         keep = np.array([not isinstance(d, str) for d in decoded])
         check(keep.any(), f"none of the {len(files)} images under {root} is readable: {decoded[0]}")
@@ -525,7 +558,7 @@ def read_cache(cache, key):
                 images, keep = f["images"], f["keep"]
                 print(f"data: {len(images)} images from the decode cache {cache}")
                 return images, keep
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass
     except Exception as e:                                  # truncated, or not a cache at all
         warn(f"the decode cache {cache} is damaged ({why(e)}); decoding again")
@@ -547,22 +580,29 @@ def write_cache(cache, **arrays):
     except OSError as e:
         warn(f"could not write the decode cache {cache} ({why(e)}); the next run decodes again")
     finally:
-        tmp.unlink(missing_ok=True)                         # also after Ctrl-C or SIGTERM
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)                     # also after Ctrl-C or SIGTERM
 
 
 # %% Checkpoints and --generate
-def load_checkpoint(path, args, device):
+def load_checkpoint(path, args):
     """A checkpoint of this script, loaded safely (tensors and plain data only). The flags not given
-    on the command line come from it, so --resume and --generate need no repeated flags."""
+    on the command line come from it (and are checked as if given), so --resume and --generate need
+    no repeated flags."""
     check(path.is_file(), f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"{path} is not a checkpoint that can be loaded safely ({why(e)})")
     check(isinstance(ckpt, dict) and "script" in ckpt, f"{path} is not a checkpoint of this repo")
     check(ckpt["script"] == SCRIPT, f"{path} was written by {ckpt['script']}, not by {SCRIPT}")
+    lost = [k for k in CKPT_KEYS if k not in ckpt] or [k for k, t in (("args", dict), ("step", int))
+                                                      if not isinstance(ckpt[k], t)]
+    check(not lost, f"{path} is not a whole checkpoint (edited by hand?): {', '.join(lost)}")
     for k, v in ckpt["args"].items():
         if k not in args.given and k not in OWN_FLAGS:
+            was = getattr(args, k, None)
+            check(was is None or isinstance(v, (type(was), list)), f"{path}: its --{k} is {v!r}")
             setattr(args, k, tuple(v) if isinstance(v, list) else v)
     return ckpt
 
@@ -589,10 +629,9 @@ def save_atomic(state, path):
 def generate(args):
     """--generate N: N images from the checkpoint's G as <index>.png (conditional scripts:
     <label>_<index>.png, the labels cycling through the classes, or all --label)."""
-    device, out = pick_device(args.device), Path(args.out)
+    device, out, (_, ckpt) = pick_device(args.device), expand(args.out), args.checkpoint
     torch.manual_seed(args.seed)
-    ckpt = load_checkpoint(Path(args.ckpt or out / "last.pt"), args, device)
-    writable(out)
+    make_dir(out)
     G = build_models(args)[0].to(device).eval()
     load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")       # --ema's average of G, when saved
     n = len(ckpt.get("classes") or [0])
@@ -605,7 +644,10 @@ def generate(args):
             images = G(z, labels.to(device)) if CONDITIONAL else G(z)
             for i, label, image in zip(index.tolist(), labels.tolist(), images):
                 name = f"{label}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png"
-                save_grid(image, out / name)
+                try:
+                    save_grid(image, out / name)
+                except OSError as e:
+                    fail(f"could not write {out / name} ({why(e)})")
     print(f"wrote {args.generate} images to {out}")
 
 
@@ -635,9 +677,9 @@ class Run:
     observers = []                                          # see log()
 
     def __init__(self, args):
-        self.args, self.out, self.handlers, self.lock = args, Path(args.out), {}, None
+        self.args, self.out, self.handlers, self.lock, self.made = args, expand(args.out), {}, 0, []
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.ckpt = self.last_good = None                   # --resume's checkpoint, the last saved
+        self.last_good, self.ckpt = vars(args).pop("checkpoint", (None, None))  # --resume's
         self.stop = self.training = 0                       # stop: the exit status to stop with
         self.bad = self.good = self.warned = 0              # failing and healthy log lines in a row
 
@@ -650,19 +692,22 @@ class Run:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.fused else "gloo")
             sys.stdout = open(os.devnull, "w") if self.rank else sys.stdout  # rank 0 prints
-        writable(self.out)
-        if args.resume is not None:
-            self.last_good = Path(args.resume or self.out / "last.pt")
-            self.ckpt = load_checkpoint(self.last_good, args, self.device)
-            check(self.ckpt["step"] < args.steps,
-                  f"the checkpoint is at step {self.ckpt['step']}; pass a larger --steps")
-        check(self.ckpt or not (self.out / "last.pt").exists(),
-              f"{self.out} holds a run already: add --resume to continue it, or give another --out")
+        if self.rank == 0:                                  # first of all, before anything slow
+            self.lock, self.made = claim(self.out)
+        last = self.out / "last.pt"                         # a folder holds one run: it writes
+        held = last.exists() or any(self.out.glob("step_*.pt"))  # there only when it continues
+        check(not held or self.ckpt, f"{self.out} holds a run already: add --resume to continue "
+                                     f"it, or give another --out")
+        if self.ckpt:
+            step = self.ckpt["step"]
+            check(not held or self.last_good.resolve() == last.resolve(), f"{self.out} holds "
+                  f"another run; continuing {self.last_good} there would replace its checkpoints: "
+                  f"give a new folder, e.g. --out {self.out}-from-{step}")
+            check(step < args.steps, f"the checkpoint is at step {step}; pass a larger --steps")
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.handlers[sig] = signal.signal(sig, self.on_signal)
         torch.manual_seed(args.seed + self.rank)            # each process its own random stream
         self.data = load_data(args, self.device)
-        self.lock = claim(self.out) if self.rank == 0 else None
         ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
         check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
                               f"; this data has {', '.join(ours or [])}")
@@ -670,8 +715,8 @@ class Run:
 
     def on_signal(self, signum, frame):
         if self.stop or not self.training:                  # before the loop, or a second time
-            raise KeyboardInterrupt
-        self.stop = 130
+            raise SystemExit(128 + signum)
+        self.stop = 128 + signum                            # the shell's status: 130 Ctrl-C, 143
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
               f"(again to quit at once)", flush=True)
 
@@ -680,6 +725,11 @@ class Run:
             signal.signal(sig, handler)
         if self.lock:
             self.lock.close()                               # frees the lock
+            with suppress(OSError):                         # a refused run leaves no folder
+                if [p.name for p in self.out.iterdir()] == [".lock"]:
+                    (self.out / ".lock").unlink()
+                    for folder in self.made:
+                        folder.rmdir()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -693,8 +743,10 @@ class Run:
         self.fixed = fixed or (torch.randn(64, args.latent_dim, device=self.device),)
         if args.ema:                                        # a copy of G, averaged after each step
             self.nets["G_ema"] = copy.deepcopy(G).eval().requires_grad_(False)
-        if self.ckpt:
-            self.restore(self.ckpt)
+        try:
+            self.restore(self.ckpt) if self.ckpt else None
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
+            fail(f"{self.last_good} is damaged or was edited by hand ({why(e)})")
         sizes = ", ".join(f"{k} {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params"
                           for k, net in (("G", G), ("D", D)))
         print(f"{SCRIPT}: {self.device.type}, {sizes}, steps {self.step + 1}..{args.steps}, "
@@ -702,7 +754,7 @@ class Run:
         images = self.data["images"]
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
         if self.rank == 0:
-            save_grid(images[pick.to(images.device)] / 127.5 - 1, self.out / "real.png")
+            self.picture(images[pick.to(images.device)] / 127.5 - 1, self.out / "real.png")
         self.log_rows = read_log(self.out / "log.csv", self.step)
         bf16 = self.fused and torch.cuda.get_device_capability(self.device)[0] >= 8
         amp = torch.autocast("cuda", torch.bfloat16) if args.amp and bf16 else None
@@ -727,7 +779,8 @@ class Run:
             load_state(obj, ckpt.get(name, ckpt["G"]), name)  # (G_ema: G's, if not saved)
             for group, flag in zip(getattr(obj, "param_groups", []), flags):
                 group.update(flag)
-        self.fixed = (ckpt["fixed_noise"], ckpt.get("fixed_labels"))[:len(self.fixed)]
+        self.fixed = tuple(t.to(self.device) for t in (ckpt["fixed_noise"],
+                                                       ckpt.get("fixed_labels"))[:len(self.fixed)])
         rng = ckpt["rng"].get("ranks", [ckpt["rng"]])      # a stream per process
         check(len(rng) == self.world, f"the checkpoint was written by {len(rng)} processes; resume "
                                       f"it with as many (torchrun --nproc_per_node={len(rng)})")
@@ -781,14 +834,14 @@ class Run:
             if self.rank == 0 and (step % args.sample_every == 0 or step == args.steps or stop):
                 with torch.no_grad(), self.autocast:
                     sampler = self.nets["G_ema"] if args.ema else G.eval()  # running statistics
-                    save_grid(sampler(*self.fixed), self.out / "samples" / f"{step:06d}.png")
+                    self.picture(sampler(*self.fixed), self.out / "samples" / f"{step:06d}.png")
                 G.train()
             snapshots = [self.out / f"step_{step:06d}.pt"] if step % keep == 0 else []
             if step % args.ckpt_every == 0 or step == args.steps or stop or snapshots:
                 self.save(self.out / "last.pt", *snapshots)
-            if stop:                                         # 130: a signal; 3: failing training
-                print(f"stopped at step {step}; " + (f"continue with: {continue_command(args.argv)}"
-                      if stop == 130 else f"training is failing; snapshots: {self.out}/step_*.pt"))
+            if stop:                                         # 3: failing training; a signal
+                print(f"stopped at step {step}; " + (f"training is failing; snapshots: {self.out}/"
+                      f"step_*.pt" if stop == 3 else f"continue with: {self.continue_command()}"))
                 raise SystemExit(stop)
         print(f"done: samples in {self.out / 'samples'}, checkpoint {self.out / 'last.pt'}")
 
@@ -797,12 +850,30 @@ class Run:
         kept = f"the last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint"
         check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
 
+    def picture(self, images, path):
+        """A grid of the run; one that cannot be written (a folder in its place) never stops it."""
+        try:
+            save_grid(images, path)
+        except OSError as e:
+            warn(f"could not write {path} ({why(e)}); training goes on")
+
+    def continue_command(self):
+        """The checkpoint holds every flag: its folder and --resume (and --device, if given)."""
+        flags = ["--out", str(self.out), *["--device", self.args.device] * ("device" in
+                                                                              self.args.given)]
+        run = f"torchrun --nproc_per_node={self.world}" if self.world > 1 else "python"
+        return f"main({flags + ['--resume']})" if NOTEBOOK else f"{run} " + shlex.join(
+            [SCRIPT, *flags, "--resume"])
+
     def save(self, *paths):
-        """The checkpoint, a plain dict (SPEC.md), written only if every weight in it is finite."""
+        """The checkpoint, a plain dict (the keys CKPT_KEYS), written only if every weight and every
+        optimizer state in it is finite: the last good checkpoint always resumes."""
         self.check_finite()
-        weights = [w for k in "GD" for w in self.nets[k].state_dict().values()]
-        if not torch.stack([w.isfinite().all() for w in weights if w.is_floating_point()]).all():
-            self.check_finite("a weight", self.step)
+        tensors = [t for net in (self.nets["G"], self.nets["D"]) for t in net.state_dict().values()]
+        tensors += [t for k in ("opt_G", "opt_D") for state in self.nets[k].state.values()
+                    for t in state.values() if torch.is_tensor(t)]
+        if not torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all():
+            self.check_finite("a weight or an optimizer's state", self.step)
         rng = {"cpu": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if self.fused else []}
         if self.world > 1:                                  # every process's stream, for --resume
@@ -860,15 +931,6 @@ class Run:
             self.stop = self.stop or (3 if self.args.stop_on_collapse else 0)
         self.sums.zero_()
         self.count, self.images, self.t0 = 0, 0, time.time()
-
-
-def continue_command(argv):
-    """The command that continues this run: its own flags, and --resume without a path."""
-    drop = {i for i, a in enumerate(argv) if a == "--resume" or a.startswith("--resume=")}
-    drop |= {i + 1 for i in list(drop) if argv[i] == "--resume" and i + 1 < len(argv)
-             and not argv[i + 1].startswith("-")}                 # the path after --resume
-    flags = [a for i, a in enumerate(argv) if i not in drop] + ["--resume"]
-    return f"main({flags})" if NOTEBOOK else f"python {shlex.join([SCRIPT, *flags])}"
 
 
 def read_log(path, step):

@@ -94,7 +94,7 @@ for name, flags in {runs!r}:
         runpy.run_path(str(folder / name), run_name="__main__")
     except SystemExit as e:
         sys.exit(f"{{name}}: {{e.code}}")
-    assert (Path("runs") / name[:-3] / "last.pt").is_file(), name
+    assert (Path("runs") / (name[:-3] + "-images") / "last.pt").is_file(), name  # by the data
 """
 
 
@@ -112,5 +112,5 @@ def test_every_script_runs_alone_in_an_empty_folder(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "kernels" not in p.stdout                       # nothing said about a missing package
     for s in SCRIPTS:
-        assert (work / "runs" / s[:-3] / "last.pt").is_file()
+        assert (work / "runs" / f"{s[:-3]}-images" / "last.pt").is_file()
     shutil.rmtree(work)
