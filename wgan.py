@@ -144,14 +144,6 @@ def build_models(args):
     return G, D
 
 
-# %% When training has failed (README, Long runs): the sign in one log interval's means
-def failing(m, args):
-    """The critic's estimate of W has collapsed to about 0 (the clipped critic no longer tells the
-    two apart) or exploded."""
-    if abs(m["wasserstein"]) < 1e-4 or abs(m["wasserstein"]) > 1e3:
-        return f"the critic's estimate of W has collapsed or exploded ({m['wasserstein']:.3g})"
-
-
 # %% Training: the paper's algorithm (run, defined below, owns data, checkpoints and logs)
 def train(run):
     args, device = run.args, run.device
@@ -161,9 +153,9 @@ def train(run):
     opt_D = torch.optim.RMSprop(D.parameters(), lr=args.lr)
     G, D_fast = run.start(G, D, opt_G, opt_D)  # --resume, the fixed noise of the grids, real.png
 
-    for step in run.steps():                  # Ctrl-C: finish this step, save, exit
+    def step(n_critic):                       # one generator update, after n_critic critic ones
         # (1) Update the critic: maximise E[D(x)] - E[D(G(z))], then clip its weights to [-c, c]
-        for _ in range(critic_iters(step, args.n_critic, args.critic_warmup)):
+        for _ in range(n_critic):
             real = run.real_batch()
             z = torch.randn(args.batch_size, args.latent_dim, device=device)
             with run.autocast:
@@ -183,17 +175,28 @@ def train(run):
         opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         opt_G.step()
+        return dict(loss_D=loss_D, loss_G=loss_G, wasserstein=wasserstein)
 
-        run.log(loss_D=loss_D, loss_G=loss_G, wasserstein=wasserstein)
+    # every step, then the log, grids, checkpoints; the paper's schedule of critic updates
+    run.loop(step, key=lambda number: critic_iters(number, args.n_critic, args.critic_warmup))
+
+
+# %% When training has failed (docs/long-runs.md): the sign in one log interval's means
+def failing(m, args):
+    """The critic's estimate of W has collapsed to about 0 (the clipped critic no longer tells the
+    two apart) or exploded."""
+    if abs(m["wasserstein"]) < 1e-4 or abs(m["wasserstein"]) > 1e3:
+        return f"the critic's estimate of W has collapsed or exploded ({m['wasserstein']:.3g})"
 
 
 # %% Plumbing shared by every script ==============================================================
-# The same in every script down to the end marker: data, checkpoints, logs, errors, Ctrl-C. The
+# The same in every script down to the end marker, in parts with one job each: flags, data,
+# checkpoints, the run's folder, the meter (the log), the failing-training rule, the loop. The
 # source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
 import argparse, copy, csv, gzip, hashlib, os, shlex  # noqa: E401
 import shutil, signal, struct, sys, time, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext, suppress
+from contextlib import closing, nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
@@ -236,18 +239,14 @@ def why(e):
 def main(argv=None):
     """The command line's and a notebook's entry. In a notebook an error is one printed line and
     main() returns, so that the next cell still runs."""
-    run = None
     try:
         args = parse_args(argv)
         if args.generate is not None:
             return generate(args)
-        run = Run(args)
-        return train(run.open())
+        with closing(Run(args)) as run:
+            return train(run)
     except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C while importing
         code = getattr(e, "code", 130)
-    finally:
-        if run:
-            run.close()
     if not NOTEBOOK:
         raise SystemExit(code)
     if isinstance(code, str):
@@ -265,7 +264,7 @@ def make_parser(doc):
     g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} (MNIST-like), {PHOTO_IMG_SIZE} (a "
                                    f"folder)")
     g("--channels", type=int, choices=(1, 3), help="default: the data's")
-    g("--out", help="output folder (default: runs/<script name>)")
+    g("--out", help="output folder (default: runs/<script>[-<data>], or --resume PATH's folder)")
     g("--sample-every", type=int, default=500, help="steps between sample grids")
     g("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     g("--log-every", type=int, default=50, help="steps between log lines")
@@ -357,23 +356,6 @@ def make_dir(out):
     except OSError as e:
         fail(f"--out {out}: cannot write there ({why(e)})")
     return made
-
-
-def claim(out):
-    """Create --out and lock it, before anything slow, so that two runs never write one folder (the
-    operating system frees the lock when the process ends; Windows: no lock). A temporary file in
-    it is then one of a save that was killed: removed."""
-    made = make_dir(out)
-    f = open(out / ".lock", "a")
-    try:
-        if os.name == "posix":
-            import fcntl
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fail(f"another run is writing to {out}; wait for it to end, or give another --out")
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-    return f, made
 
 
 # %% Data
@@ -480,8 +462,8 @@ def load_mini(offline=""):
 
 def load_folder(args, device=None):
     """Every image under the folder (recursively; not hidden files, nor the outputs of runs), short
-    side resized and centre-cropped to --img-size. Decoded once, then read from a cache outside the
-    folder (it may be read-only). In cgan.py and acgan.py each first-level subfolder is a class."""
+    side resized and centre-cropped to --img-size, decoded once. In cgan.py and acgan.py each
+    first-level subfolder is a class."""
     root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
@@ -492,18 +474,7 @@ def load_folder(args, device=None):
                    and "/." not in "/" + f.relative_to(root).as_posix()
                    and runs.isdisjoint(f.resolve().parents))
     check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
-    key = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-    name = f"{root.resolve().name}-{digest(root.resolve())}-{args.img_size}px-{args.channels}ch.npz"
-    cache = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts") / name
-    images, keep = read_cache(cache, key)                   # one cache per folder and size
-    if images is None:
-        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
-            decoded = list(pool.map(lambda f: decode_image(f, args.img_size, args.channels), files))
-        keep = np.array([not isinstance(d, str) for d in decoded])
-        check(keep.any(), f"none of the {len(files)} images under {root} is readable: {decoded[0]}")
-        images = np.ascontiguousarray(np.stack([d for d in decoded if not isinstance(d, str)]))
-        write_cache(cache, images=images, keep=keep, key=key)
+    images, keep = decode_folder(root, files, args.img_size, args.channels)
     if not keep.all():
         warn(f"skipped {(~keep).sum()} of {len(files)} images that could not be read "
              f"(the first: {files[keep.argmin()].name})")
@@ -520,6 +491,24 @@ def load_folder(args, device=None):
              f"without readable images: {', '.join(sorted(others)) or 'none'}")
     labels = torch.tensor([classes.index(p[0]) for p in parts if len(p) > 1])
     return torch.from_numpy(images[in_class]), labels, classes
+
+
+def decode_folder(root, files, size, channels):
+    """The files decoded (in threads), or read from the cache outside the folder (it may be
+    read-only): one per folder and size, holding the files' names, sizes and times."""
+    key = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    name = f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npz"
+    cache = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts") / name
+    images, keep = read_cache(cache, key)
+    if images is None:
+        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
+            decoded = list(pool.map(lambda f: decode_image(f, size, channels), files))
+        keep = np.array([not isinstance(d, str) for d in decoded])
+        check(keep.any(), f"none of the {len(files)} images under {root} is readable: {decoded[0]}")
+        images = np.ascontiguousarray(np.stack([d for d in decoded if not isinstance(d, str)]))
+        write_cache(cache, images=images, keep=keep, key=key)
+    return images, keep
 
 
 def decode_image(path, size, channels):
@@ -575,7 +564,7 @@ def write_cache(cache, **arrays):
             tmp.unlink(missing_ok=True)                     # also after Ctrl-C or SIGTERM
 
 
-# %% Checkpoints and --generate
+# %% Checkpoints: load, save, the random streams of every process
 def load_checkpoint(path, args):
     """A checkpoint of this script, loaded safely (tensors and plain data only). The flags not given
     on the command line come from it (and are checked as if given), so --resume and --generate need
@@ -593,7 +582,8 @@ def load_checkpoint(path, args):
     for k, v in ckpt["args"].items():
         if k not in args.given and k not in OWN_FLAGS:
             was = getattr(args, k, None)
-            check(was is None or isinstance(v, (type(was), list)), f"{path}: its --{k} is {v!r}")
+            check(was is None or isinstance(v, (type(was), list)),
+                  f"{path}: its --{k.replace('_', '-')} is {v!r}")
             setattr(args, k, tuple(v) if isinstance(v, list) else v)
     return ckpt
 
@@ -603,6 +593,27 @@ def load_state(obj, state, name):
         obj.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
         fail(f"the checkpoint's {name} does not fit this model ({why(e)})")
+
+
+def save_checkpoint(run, *paths):
+    """The checkpoint, a plain dict (the keys CKPT_KEYS), written atomically by rank 0 alone, and
+    only if every weight and every optimizer state in it is finite: the last good one resumes."""
+    tensors = [t for k in "GD" for t in run.nets[k].state_dict().values()]
+    tensors += [t for k in ("opt_G", "opt_D") for state in run.nets[k].state.values()
+                for t in state.values() if torch.is_tensor(t)]
+    if not torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all():
+        run.meter.check("a weight or an optimizer's state", run.step)
+    state = {k: v.state_dict() for k, v in run.nets.items()}
+    state.update(script=SCRIPT, step=run.step, args=vars(run.args), fixed_noise=run.fixed[0],
+                 rng=random_streams(run))
+    if CONDITIONAL:
+        state.update(fixed_labels=run.fixed[1], classes=run.data["classes"])
+    for path in paths if run.rank == 0 else []:
+        save_atomic(state, path)
+    if run.world > 1:             # the others wait for the files. The handle outlives close():
+        run.saved = dist.barrier(async_op=True)     # torch < 2.8 can hang destroying the group
+        run.saved.wait()          # if gloo's threads still hold a collective's tensors then
+    run.last_good = paths[0]
 
 
 def save_atomic(state, path):
@@ -617,6 +628,38 @@ def save_atomic(state, path):
         tmp.unlink(missing_ok=True)
 
 
+def restore_checkpoint(run, ckpt):
+    """Models, optimizer moments, fixed noise, step and random streams; the optimizers keep this
+    run's --lr and --betas (the checkpoint's unless given again)."""
+    for name, obj in run.nets.items():
+        groups = getattr(obj, "param_groups", [])           # an optimizer's: lr, betas, ...
+        flags = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        load_state(obj, ckpt.get(name, ckpt["G"]), name)    # (G_ema: G's, if not saved)
+        for group, flag in zip(getattr(obj, "param_groups", []), flags):
+            group.update(flag)
+    run.fixed = tuple(t.to(run.device) for t in (ckpt["fixed_noise"],
+                                                 ckpt.get("fixed_labels"))[:len(run.fixed)])
+    streams = ckpt["rng"].get("ranks", [ckpt["rng"]])      # a stream per process
+    check(len(streams) == run.world, f"the checkpoint was written by {len(streams)} processes; "
+          f"resume it with as many (torchrun --nproc_per_node={len(streams)})")
+    torch.set_rng_state(streams[run.rank]["cpu"].cpu())
+    if run.cuda and streams[run.rank]["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in streams[run.rank]["cuda"]])
+    run.step = ckpt["step"]
+    print(f"resumed from step {run.step}")
+
+
+def random_streams(run):
+    """This process's random state (CPU, CUDA); under torchrun every process's, for --resume."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if run.cuda else []}
+    if run.world == 1:
+        return rng
+    ranks = [None] * run.world
+    dist.all_gather_object(ranks, rng)
+    return {**rng, "ranks": ranks}
+
+
+# %% --generate, pictures, D without BatchNorm
 def generate(args):
     """--generate N: N images from the checkpoint's G as <index>.png (conditional scripts:
     <label>_<index>.png, the labels cycling through the classes, or all --label)."""
@@ -648,280 +691,85 @@ def save_grid(images, path):
     save_image(images.float(), path, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
 
 
+def without_batchnorm(net):
+    """Every BatchNorm of net replaced by nothing, and the layer before it (DCGAN's convolutions,
+    built with bias=False next to BatchNorm) given the bias that BatchNorm's shift was."""
+    for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        for i, layer in enumerate(seq):
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                seq[i], before = nn.Identity(), seq[i - 1]
+                if before.bias is None:
+                    before.bias = nn.Parameter(torch.zeros_like(layer.bias))
+    return net
+
+
 def spectral_norm_(D):
     """--spectral-norm (Miyato et al. 2018), in place: every conv and linear layer of D divided by
     its largest singular value (one power iteration per step), so that D stays 1-Lipschitz and
-    cannot win outright, and no BatchNorm in D, as in the paper's networks."""
-    for module in list(D.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
-                setattr(module, name, nn.Identity())
-            elif isinstance(child, (nn.Conv2d, nn.Linear)):
-                nn.utils.parametrizations.spectral_norm(child)
+    cannot win outright; no BatchNorm in D, as in the paper's networks."""
+    for layer in list(without_batchnorm(D).modules()):
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(layer)
     return D
 
 
-# %% The run: everything around the paper's loop
-class Run:
-    """What train() needs besides the paper: the device, --out and its lock, the data, --resume, the
-    fixed noise of the sample grids, the log, checkpoints, NaN/inf checks, Ctrl-C and SIGTERM."""
-    observers = []                                          # see log()
+# %% The run's folder: its lock, which run may write there, its pictures and log
+class Folder:
+    """--out, created and locked before anything slow, so that two runs never write one folder (the
+    operating system frees the lock when the process ends; Windows: no lock). A folder holds one
+    run: another may write there only to continue its last.pt. Under torchrun rank 0 alone writes.
+    """
 
-    def __init__(self, args):
-        self.args, self.out, self.handlers, self.lock, self.made = args, expand(args.out), {}, 0, []
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.last_good, self.ckpt = vars(args).pop("checkpoint", (None, None))  # --resume's
-        self.stop = self.training = 0                       # stop: the exit status to stop with
-        self.bad = self.good = self.warned = 0              # failing and healthy log lines in a row
+    def __init__(self, path, writer):
+        self.path, self.lock, self.made = path, None, []
+        if writer:
+            self.made = make_dir(path)                      # the folders made: for close()
+            self.lock = open(path / ".lock", "a")
+            with suppress(ImportError):
+                import fcntl
+                try:
+                    fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    fail(f"another run is writing to {path}; wait for it to end, or give another "
+                         f"--out")
+            for tmp in path.glob(".*.tmp"):                 # no one else writes here: a killed
+                tmp.unlink(missing_ok=True)                 # save's temporary file
 
-    def open(self):
-        args, self.device = self.args, pick_device(self.args.device)
-        self.fused = self.device.type == "cuda"             # one kernel for a whole optimizer step
-        if self.world > 1:                                  # torchrun: a process per device
-            if self.fused:
-                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.fused else "gloo")
-            sys.stdout = open(os.devnull, "w") if self.rank else sys.stdout  # rank 0 prints
-        if self.rank == 0:                                  # first of all, before anything slow
-            self.lock, self.made = claim(self.out)
-        last = self.out / "last.pt"                         # a folder holds one run: it writes
-        held = last.exists() or any(self.out.glob("step_*.pt"))  # there only when it continues
-        check(not held or self.ckpt, f"{self.out} holds a run already: add --resume to continue "
-                                     f"it, or give another --out")
-        if self.ckpt:
-            step = self.ckpt["step"]
-            check(not held or self.last_good.resolve() == last.resolve(), f"{self.out} holds "
-                  f"another run; continuing {self.last_good} there would replace its checkpoints: "
-                  f"give a new folder, e.g. --out {self.out}-from-{step}")
-            check(step < args.steps, f"the checkpoint is at step {step}; pass a larger --steps")
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.handlers[sig] = signal.signal(sig, self.on_signal)
-        torch.manual_seed(args.seed + self.rank)            # each process its own random stream
-        self.data = load_data(args, self.device)
-        ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
-        check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
-                              f"; this data has {', '.join(ours or [])}")
-        return self
+    def admit(self, resumed, step):
+        """Whether this run may write here: a fresh one if the folder holds no run, a resumed one
+        (--resume's checkpoint `resumed`, at `step`) if it holds none or if that is its last.pt."""
+        last = self.path / "last.pt"
+        held = last.exists() or any(self.path.glob("step_*.pt"))
+        check(not held or resumed, f"{self.path} holds a run already: add --resume to continue "
+                                   f"it, or give another --out")
+        check(not held or not resumed or resumed.resolve() == last.resolve(), f"{self.path} holds "
+              f"another run; continuing {resumed} there would replace its checkpoints: give a "
+              f"new folder, e.g. --out {self.path}-from-{step}")
 
-    def on_signal(self, signum, frame):
-        if self.stop or not self.training:                  # before the loop, or a second time
-            raise SystemExit(128 + signum)
-        self.stop = 128 + signum                            # the shell's status: 130 Ctrl-C, 143
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-              f"(again to quit at once)", flush=True)
+    def picture(self, images, name):
+        """A grid of the run; one that cannot be written (a folder in its place) never stops it."""
+        try:
+            save_grid(images, self.path / name) if self.lock else None
+        except OSError as e:
+            warn(f"could not write {self.path / name} ({why(e)}); training goes on")
+
+    def write_log(self, header, rows):
+        try:
+            if self.lock:
+                with open(self.path / "log.csv", "w", newline="") as f:
+                    csv.writer(f).writerows([header, *rows])
+                plot(rows, header, self.path / "loss.png")
+        except OSError as e:
+            warn(f"could not write the log ({why(e)}); training goes on")
 
     def close(self):
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
         if self.lock:
             self.lock.close()                               # frees the lock
             with suppress(OSError):                         # a refused run leaves no folder
-                if [p.name for p in self.out.iterdir()] == [".lock"]:
-                    (self.out / ".lock").unlink()
+                if [p.name for p in self.path.iterdir()] == [".lock"]:
+                    (self.path / ".lock").unlink()
                     for folder in self.made:
                         folder.rmdir()
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def start(self, G, D, opt_G, opt_D, fixed=None):
-        """Restore --resume's checkpoint, write real.png, print the header. fixed: G's inputs for
-        the sample grids (default: 64 z). Returns G and D to call in the loop (under torchrun
-        wrapped in DistributedDataParallel, with --compile compiled); checkpoints hold the plain
-        modules, and --ema's average of G."""
-        args, self.step, self.sums, self.images, self.t0 = self.args, 0, None, 0, time.time()
-        self.nets = {"G": G, "D": D, "opt_G": opt_G, "opt_D": opt_D}
-        self.fixed = fixed or (torch.randn(64, args.latent_dim, device=self.device),)
-        if args.ema:                                        # a copy of G, averaged after each step
-            self.nets["G_ema"] = copy.deepcopy(G).eval().requires_grad_(False)
-        try:
-            self.restore(self.ckpt) if self.ckpt else None
-        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
-            fail(f"{self.last_good} is damaged or was edited by hand ({why(e)})")
-        sizes = ", ".join(f"{k} {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params"
-                          for k, net in (("G", G), ("D", D)))
-        print(f"{SCRIPT}: {self.device.type}, {sizes}, steps {self.step + 1}..{args.steps}, "
-              f"batch {args.batch_size}, out {self.out}")
-        images = self.data["images"]
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
-        if self.rank == 0:
-            self.picture(images[pick.to(images.device)] / 127.5 - 1, self.out / "real.png")
-        self.log_rows = read_log(self.out / "log.csv", self.step)
-        bf16 = self.fused and torch.cuda.get_device_capability(self.device)[0] >= 8
-        amp = torch.autocast("cuda", torch.bfloat16) if args.amp and bf16 else None
-        self.autocast = amp or nullcontext()
-        for flag in [f for f in ("amp", "compile") if getattr(args, f) and not self.fused]:
-            print(f"--{flag} is for CUDA; running without it on {self.device.type}")
-        if args.amp and self.fused and not bf16:
-            print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
-        if self.world > 1:                                  # gradients averaged over the processes;
-            G, D = (torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
-                    for net in (G, D))                      # BatchNorm statistics: each its own
-            print(f"{self.world} processes: batch {args.batch_size} each, "
-                  f"{args.batch_size * self.world} in all")
-        return (torch.compile(G), torch.compile(D)) if args.compile and self.fused else (G, D)
-
-    def restore(self, ckpt):
-        """Models, optimizer moments, fixed noise, step and random streams; the optimizers keep
-        this run's --lr and --betas (the checkpoint's unless given again)."""
-        for name, obj in self.nets.items():
-            groups = getattr(obj, "param_groups", [])       # an optimizer's: lr, betas, ...
-            flags = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-            load_state(obj, ckpt.get(name, ckpt["G"]), name)  # (G_ema: G's, if not saved)
-            for group, flag in zip(getattr(obj, "param_groups", []), flags):
-                group.update(flag)
-        self.fixed = tuple(t.to(self.device) for t in (ckpt["fixed_noise"],
-                                                       ckpt.get("fixed_labels"))[:len(self.fixed)])
-        rng = ckpt["rng"].get("ranks", [ckpt["rng"]])      # a stream per process
-        check(len(rng) == self.world, f"the checkpoint was written by {len(rng)} processes; resume "
-                                      f"it with as many (torchrun --nproc_per_node={len(rng)})")
-        torch.set_rng_state(rng[self.rank]["cpu"].cpu())
-        if self.fused and rng[self.rank]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng[self.rank]["cuda"]])
-        self.step = ckpt["step"]
-        print(f"resumed from step {self.step}")
-
-    def real_batch(self):
-        """A batch of real images (and their labels in cgan.py, acgan.py), counted for img/s."""
-        self.images += self.args.batch_size
-        return sample_real(self.data, self.args.batch_size, self.device, with_labels=CONDITIONAL)
-
-    def log(self, **stats):
-        """The step's numbers by name, summed on the device (no host sync) until the next log line,
-        with the first step at which one of them was NaN or inf. Then Run.observers, functions
-        f(run, stats) that get them every step (run.step: this step), e.g. to plot in a notebook."""
-        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
-        if self.sums is None:
-            self.names, self.sums, self.count = list(stats), torch.zeros_like(values), 0
-            self.bad_step = torch.full((), -1, device=values.device)
-        self.sums += values
-        self.count += 1
-        ok = torch.isfinite(values).all() | (self.bad_step >= 0)
-        self.bad_step = torch.where(ok, self.bad_step, self.step)
-        for observe in self.observers:
-            observe(self, stats)
-
-    def steps(self):
-        """The step numbers from the checkpoint's to --steps. After each step: --ema's average, the
-        log line, sample grids, last.pt and the kept snapshots, and a clean stop on Ctrl-C, SIGTERM
-        or (with --stop-on-collapse) failed training."""
-        args, self.training = self.args, True
-        keep = args.keep_every or max(1, args.steps // 5)    # by default a run keeps five snapshots
-        for step in range(self.step + 1, args.steps + 1):
-            self.step = step
-            yield step
-            G = self.nets["G"]
-            if args.ema:                                     # G_ema = decay G_ema + (1 - decay) G
-                with torch.no_grad():
-                    for average, now in zip(self.nets["G_ema"].parameters(), G.parameters()):
-                        average.lerp_(now, 1 - args.ema)
-                    for copied, now in zip(self.nets["G_ema"].buffers(), G.buffers()):
-                        copied.copy_(now)                    # BatchNorm's running statistics
-            # the processes of a torchrun agree on stopping at log lines only (write_log)
-            sync = step % args.log_every == 0 or step == args.steps or self.world == 1 and self.stop
-            if sync:
-                self.write_log()                             # (may set self.stop: collapse)
-            stop = self.stop if sync else 0                  # a signal may come at any line
-            if self.rank == 0 and (step % args.sample_every == 0 or step == args.steps or stop):
-                with torch.no_grad(), self.autocast:
-                    sampler = self.nets["G_ema"] if args.ema else G.eval()  # running statistics
-                    self.picture(sampler(*self.fixed), self.out / "samples" / f"{step:06d}.png")
-                G.train()
-            snapshots = [self.out / f"step_{step:06d}.pt"] if step % keep == 0 else []
-            if step % args.ckpt_every == 0 or step == args.steps or stop or snapshots:
-                self.save(self.out / "last.pt", *snapshots)
-            if stop:                                         # 3: failing training; a signal
-                print(f"stopped at step {step}; " + (f"training is failing; snapshots: {self.out}/"
-                      f"step_*.pt" if stop == 3 else f"continue with: {self.continue_command()}"))
-                raise SystemExit(stop)
-        print(f"done: samples in {self.out / 'samples'}, checkpoint {self.out / 'last.pt'}")
-
-    def check_finite(self, what="a loss", step=None):
-        step = step or self.bad_step.item()
-        kept = f"the last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint"
-        check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
-
-    def picture(self, images, path):
-        """A grid of the run; one that cannot be written (a folder in its place) never stops it."""
-        try:
-            save_grid(images, path)
-        except OSError as e:
-            warn(f"could not write {path} ({why(e)}); training goes on")
-
-    def continue_command(self):
-        """The checkpoint holds every flag: its folder and --resume (and --device, if given)."""
-        flags = ["--out", str(self.out), *["--device", self.args.device] * ("device" in
-                                                                              self.args.given)]
-        run = f"torchrun --nproc_per_node={self.world}" if self.world > 1 else "python"
-        return f"main({flags + ['--resume']})" if NOTEBOOK else f"{run} " + shlex.join(
-            [SCRIPT, *flags, "--resume"])
-
-    def save(self, *paths):
-        """The checkpoint, a plain dict (the keys CKPT_KEYS), written only if every weight and every
-        optimizer state in it is finite: the last good checkpoint always resumes."""
-        self.check_finite()
-        tensors = [t for net in (self.nets["G"], self.nets["D"]) for t in net.state_dict().values()]
-        tensors += [t for k in ("opt_G", "opt_D") for state in self.nets[k].state.values()
-                    for t in state.values() if torch.is_tensor(t)]
-        if not torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all():
-            self.check_finite("a weight or an optimizer's state", self.step)
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if self.fused else []}
-        if self.world > 1:                                  # every process's stream, for --resume
-            ranks = [None] * self.world
-            dist.all_gather_object(ranks, rng)
-            rng = {**rng, "ranks": ranks}
-        state = {k: v.state_dict() for k, v in self.nets.items()}
-        state.update(script=SCRIPT, step=self.step, args=vars(self.args), fixed_noise=self.fixed[0],
-                     rng=rng)
-        if CONDITIONAL:
-            state.update(fixed_labels=self.fixed[1], classes=self.data["classes"])
-        for path in paths if self.rank == 0 else []:        # rank 0 alone writes files
-            save_atomic(state, path)
-        if self.world > 1:            # the others wait for the files. The handle outlives close():
-            self.saved = dist.barrier(async_op=True)    # torch < 2.8 can hang destroying the group
-            self.saved.wait()         # if gloo's threads still hold a collective's tensors then
-        self.last_good = paths[0]
-
-    def write_log(self):
-        """A row of log.csv, loss.png, the progress line, and the warning when training is failing.
-        The log never stops a run. Under torchrun: the means over all processes, and all agree on a
-        NaN/inf or a stop."""
-        if self.world > 1:
-            dist.all_reduce(self.sums)
-            self.sums /= self.world
-            agreed = torch.stack([self.bad_step.float(), self.sums.new_tensor(float(self.stop))])
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            self.bad_step, self.stop = agreed[0].long(), int(agreed[1])
-        self.check_finite()
-        means = dict(zip(self.names, (self.sums / self.count).tolist()))
-        dt, total = time.time() - self.t0, self.args.steps
-        ips = self.images * self.world / max(dt, 1e-9)
-        header = ["step", *means, "img_per_s"]
-        self.log_rows = [r for r in self.log_rows if len(r) == len(header)]
-        self.log_rows.append([self.step, *(float(f"{v:.5g}") for v in means.values()), round(ips)])
-        try:
-            if self.rank == 0:
-                with open(self.out / "log.csv", "w", newline="") as f:
-                    csv.writer(f).writerows([header, *self.log_rows])
-                plot(self.log_rows, header, self.out / "loss.png")
-        except OSError as e:
-            warn(f"could not write the log ({why(e)}); training goes on")
-        left = int((total - self.step) * dt / self.count)
-        values = " ".join(f"{k} {v:.3f}" for k, v in means.items())
-        print(f"[{self.step:>{len(str(total))}}/{total}] {values} | {ips:,.0f} img/s | "
-              f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s left", flush=True)
-        warm = self.step <= min(1000, self.args.steps // 10)  # at first D often wins for a while
-        sign = None if warm else failing(means, self.args)   # the loss family's sign of failure
-        self.bad, self.good = (self.bad + 1, 0) if sign else (0, self.good + 1)
-        self.warned = self.warned and self.good < 20         # 20 healthy lines: a new episode
-        if self.bad >= 5 and not self.warned:                # 5 failing lines in a row: say it once
-            self.warned = True
-            warn(f"step {self.step}: training is failing: {sign}. Earlier snapshots are in "
-                 f"{self.out}/step_<N>.pt; README, Long runs, has the remedy")
-            self.stop = self.stop or (3 if self.args.stop_on_collapse else 0)
-        self.sums.zero_()
-        self.count, self.images, self.t0 = 0, 0, time.time()
 
 
 def read_log(path, step):
@@ -955,6 +803,244 @@ def plot(rows, header, path, W=800, H=420, pad=60):
         draw.line(xy, fill=colour, width=2)
         draw.text((pad + 10 + 110 * i, pad - 20), header[i + 1], fill=colour)
     img.save(path)
+
+
+# %% The meter: each step's numbers, summed on the device until a log line
+class Meter:
+    """The steps' numbers by name, summed on the device (no host sync), with the first step at which
+    one was NaN or inf; at a log line (under torchrun: the means over all processes, who agree on a
+    NaN/inf and on a stop there), a row of log.csv, loss.png and the progress line."""
+
+    def __init__(self, run):
+        self.run, self.sums, self.images, self.t0 = run, None, 0, time.time()
+        self.rows = read_log(run.folder.path / "log.csv", run.step)
+
+    def add(self, stats, step, images):
+        values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
+        if self.sums is None:
+            self.names, self.sums, self.count = list(stats), torch.zeros_like(values), 0
+            self.bad_step = torch.full((), -1, device=values.device)
+        self.sums += values
+        self.count, self.images = self.count + 1, self.images + images
+        ok = torch.isfinite(values).all() | (self.bad_step >= 0)
+        self.bad_step = torch.where(ok, self.bad_step, step)
+
+    def check(self, what="a loss", step=None):
+        step, kept = step or self.bad_step.item(), self.run.last_good
+        kept = f"the last good checkpoint: {kept}" if kept else "no checkpoint"
+        check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
+
+    def line(self, step, total, stop):
+        """The log line at `step`: returns its means and the stop that every process agrees on."""
+        run = self.run
+        if run.world > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= run.world
+            agreed = torch.stack([self.bad_step.float(), self.sums.new_tensor(float(stop))])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            self.bad_step, stop = agreed[0].long(), int(agreed[1])
+        self.check()
+        means = dict(zip(self.names, (self.sums / self.count).tolist()))
+        dt, ips = time.time() - self.t0, self.images * run.world / max(time.time() - self.t0, 1e-9)
+        header = ["step", *means, "img_per_s"]
+        self.rows = [r for r in self.rows if len(r) == len(header)]
+        self.rows.append([step, *(float(f"{v:.5g}") for v in means.values()), round(ips)])
+        run.folder.write_log(header, self.rows)
+        left = int((total - step) * dt / self.count)
+        print(f"[{step:>{len(str(total))}}/{total}] "
+              f"{' '.join(f'{k} {v:.3f}' for k, v in means.items())} | {ips:,.0f} img/s | "
+              f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s left", flush=True)
+        self.sums.zero_()
+        self.count, self.images, self.t0 = 0, 0, time.time()
+        return means, stop
+
+
+# %% The failing-training rule (docs/long-runs.md)
+class FailingRule:
+    """The warning that training is failing, from the script's own sign (failing(means, args)) in
+    the log lines' means: said once per episode, after FAILING_LINES failing lines in a row; an
+    episode ends after HEALTHY_LINES healthy ones. The start of a run is not judged."""
+    QUIET_STEPS, QUIET_SHARE = 1000, 0.1   # not judged: the first 1000 steps or tenth of a run
+    FAILING_LINES, HEALTHY_LINES = 5, 20
+
+    def __init__(self):
+        self.bad = self.good = 0
+        self.warned = False
+
+    def __call__(self, means, step, args):
+        """The sign of failure when the warning is due now, else None."""
+        quiet = step <= min(self.QUIET_STEPS, args.steps * self.QUIET_SHARE)
+        sign = None if quiet else failing(means, args)
+        self.bad, self.good = (self.bad + 1, 0) if sign else (0, self.good + 1)
+        self.warned = self.warned and self.good < self.HEALTHY_LINES
+        if self.bad >= self.FAILING_LINES and not self.warned:
+            self.warned = True
+            return sign
+
+
+# %% The loop: the steps, and after each one the EMA, the log, grids, checkpoints, the stop
+class Run:
+    """What train() needs besides the paper: the device, --out, the data, --resume, the fixed noise
+    of the sample grids, then the loop (run.loop(step)). Built in one step; a with-block closes it.
+    Run.observers: functions f(run, stats) called after every step (run.step: its number) with the
+    step's numbers, e.g. to plot them in a notebook."""
+    observers = []
+
+    def __init__(self, args):
+        self.args, self.step, self.stop, self.training, self.handlers = args, 0, 0, False, {}
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.last_good, self.ckpt = vars(args).pop("checkpoint", (None, None))  # --resume's
+        self.folder = None
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self):
+        args, self.device = self.args, pick_device(self.args.device)
+        self.cuda = self.device.type == "cuda"
+        if self.world > 1:                                  # torchrun: a process per device
+            if self.cuda:
+                self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.cuda else "gloo")
+            sys.stdout = open(os.devnull, "w") if self.rank else sys.stdout  # rank 0 prints
+        self.folder = Folder(expand(args.out), writer=self.rank == 0)  # first: before slow work
+        self.folder.admit(self.last_good, self.ckpt and self.ckpt["step"])
+        check(not self.ckpt or self.ckpt["step"] < args.steps,
+              f"the checkpoint is at step {self.ckpt and self.ckpt['step']}; pass a larger --steps")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.handlers[sig] = signal.signal(sig, self.on_signal)
+        torch.manual_seed(args.seed + self.rank)            # each process its own random stream
+        self.data = load_data(args, self.device)
+        ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
+        check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
+                              f"; this data has {', '.join(ours or [])}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+        if self.folder:
+            self.folder.close()
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def on_signal(self, signum, frame):
+        if self.stop or not self.training:                  # before the loop, or a second time
+            raise SystemExit(128 + signum)
+        self.stop = 128 + signum                            # the shell's status: 130 Ctrl-C, 143
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              f"(again to quit at once)", flush=True)
+
+    def start(self, G, D, opt_G, opt_D, fixed=None):
+        """The models: --resume's checkpoint restored into them, real.png, the header. fixed: G's
+        inputs for the sample grids (default: 64 z). Returns G and D to call in the steps (under
+        torchrun in DistributedDataParallel, with --compile compiled); checkpoints hold the plain
+        modules, and --ema's average of G."""
+        args = self.args
+        self.nets = {"G": G, "D": D, "opt_G": opt_G, "opt_D": opt_D}
+        self.fixed = fixed or (torch.randn(64, args.latent_dim, device=self.device),)
+        if args.ema:                                        # a copy of G, averaged after each step
+            self.nets["G_ema"] = copy.deepcopy(G).eval().requires_grad_(False)
+        try:
+            restore_checkpoint(self, self.ckpt) if self.ckpt else None
+        except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
+            fail(f"{self.last_good} is damaged or was edited by hand ({why(e)})")
+        sizes = ", ".join(f"{k} {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params"
+                          for k, net in (("G", G), ("D", D)))
+        print(f"{SCRIPT}: {self.device.type}, {sizes}, steps {self.step + 1}..{args.steps}, "
+              f"batch {args.batch_size}, out {self.folder.path}")
+        images = self.data["images"]
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
+        self.folder.picture(images[pick.to(images.device)] / 127.5 - 1, "real.png")
+        self.meter, self.failing, self.batches = Meter(self), FailingRule(), 0
+        return self.fast(G, D)
+
+    def fast(self, G, D):
+        """--amp's autocast (bf16, CUDA), torchrun's DistributedDataParallel, --compile."""
+        args = self.args
+        bf16 = self.cuda and torch.cuda.get_device_capability(self.device)[0] >= 8
+        amp = torch.autocast("cuda", torch.bfloat16) if args.amp and bf16 else None
+        self.autocast = amp or nullcontext()
+        for flag in [f for f in ("amp", "compile") if getattr(args, f) and not self.cuda]:
+            print(f"--{flag} is for CUDA; running without it on {self.device.type}")
+        if args.amp and self.cuda and not bf16:
+            print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
+        if self.world > 1:                                  # gradients averaged over the processes;
+            G, D = (torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+                    for net in (G, D))                      # BatchNorm statistics: each its own
+            print(f"{self.world} processes: batch {args.batch_size} each, "
+                  f"{args.batch_size * self.world} in all")
+        return (torch.compile(G), torch.compile(D)) if args.compile and self.cuda else (G, D)
+
+    def real_batch(self):
+        """A batch of real images (and their labels in cgan.py, acgan.py), counted for img/s."""
+        self.batches += 1
+        return sample_real(self.data, self.args.batch_size, self.device, with_labels=CONDITIONAL)
+
+    def loop(self, step, key=None):
+        """Every step from the checkpoint's to --steps: step() (the paper's algorithm, returning its
+        numbers by name), then after_step(). key(n): what else step() takes (wgan.py: the critic's
+        updates before generator update n)."""
+        self.training = True
+        for self.step in range(self.step + 1, self.args.steps + 1):
+            self.batches = 0
+            stats = step(key(self.step)) if key else step()
+            self.meter.add(stats, self.step, self.batches * self.args.batch_size)
+            for observe in self.observers:
+                observe(self, stats)
+            self.after_step()
+        print(f"done: samples in {self.folder.path / 'samples'}, checkpoint "
+              f"{self.folder.path / 'last.pt'}")
+
+    def after_step(self):
+        """In this order, which exact resume depends on: --ema's average, then the log line (where
+        torchrun's processes agree on a stop), the grid (G in eval mode: no update of BatchNorm's
+        statistics), last.pt and the snapshots (with every random stream as it is now), the stop."""
+        args, step, G = self.args, self.step, self.nets["G"]
+        if args.ema:                                        # G_ema = decay G_ema + (1 - decay) G
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.nets["G_ema"].parameters()), list(G.parameters()),
+                                     1 - args.ema)
+                for copied, now in zip(self.nets["G_ema"].buffers(), G.buffers()):
+                    copied.copy_(now)                       # BatchNorm's running statistics
+        stop, last = 0, step == args.steps
+        if step % args.log_every == 0 or last or self.world == 1 and self.stop:
+            means, stop = self.meter.line(step, args.steps, self.stop)
+            sign = self.failing(means, step, args)
+            if sign:
+                warn(f"step {step}: training is failing: {sign}. Earlier snapshots are in "
+                     f"{self.folder.path}/step_<N>.pt; docs/long-runs.md has the remedies")
+                self.stop = stop = stop or (3 if args.stop_on_collapse else 0)
+        if step % args.sample_every == 0 or last or stop:
+            with torch.no_grad(), self.autocast:
+                sampler = self.nets["G_ema"] if args.ema else G.eval()  # running statistics
+                self.folder.picture(sampler(*self.fixed), f"samples/{step:06d}.png")
+            G.train()
+        keep = args.keep_every or max(1, args.steps // 5)   # by default a run keeps five snapshots
+        snapshots = [self.folder.path / f"step_{step:06d}.pt"] if step % keep == 0 else []
+        if step % args.ckpt_every == 0 or last or stop or snapshots:
+            self.meter.check()
+            save_checkpoint(self, self.folder.path / "last.pt", *snapshots)
+        if stop:                                            # 3: failing training; a signal
+            print(f"stopped at step {step}; " + (f"training is failing; snapshots: "
+                  f"{self.folder.path}/step_*.pt" if stop == 3 else
+                  f"continue with: {self.continue_command()}"))
+            raise SystemExit(stop)
+
+    def continue_command(self):
+        """The checkpoint holds every flag: its folder and --resume (and --device, if given)."""
+        flags = ["--out", str(self.folder.path), *["--device", self.args.device] * (
+            "device" in self.args.given), "--resume"]
+        run = f"torchrun --nproc_per_node={self.world}" if self.world > 1 else "python"
+        return f"main({flags})" if NOTEBOOK else f"{run} {shlex.join([SCRIPT, *flags])}"
 
 
 if __name__ == "__main__":

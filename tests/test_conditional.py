@@ -183,7 +183,7 @@ def test_acgan_logs_its_class_accuracies(tmp_path, monkeypatch):
     labels: recomputed here from D's class logits and the labels the step used, step by step."""
     module = load_script("acgan.py")
     seen = {"logits": [], "asked": [], "real": [], "logged": []}
-    build, real_batch, log = module.build_models, module.Run.real_batch, module.Run.log
+    build, real_batch = module.build_models, module.Run.real_batch
 
     def recording_build(args):
         G, D = build(args)
@@ -196,13 +196,12 @@ def test_acgan_logs_its_class_accuracies(tmp_path, monkeypatch):
         seen["real"].append(y.clone())
         return x, y
 
-    def recording_log(self, **stats):
+    def recording_log(run, stats):
         seen["logged"].append({k: v.item() for k, v in stats.items()})
-        return log(self, **stats)
 
     monkeypatch.setattr(module, "build_models", recording_build)
     monkeypatch.setattr(module.Run, "real_batch", recording_real_batch)
-    monkeypatch.setattr(module.Run, "log", recording_log)
+    monkeypatch.setattr(module.Run, "observers", [recording_log])
     data = classes_folder(tmp_path, ["a", "b", "c"])
     run("acgan.py", "--data", data, "--steps", 3, "--out", "out", "--device", "cpu",
         "--sample-every", 100)

@@ -136,11 +136,9 @@ def test_ema_is_the_closed_form_average_and_resumes(tmp_path, monkeypatch):
     import common
     module = common.load_script("dcgan.py")
     seen = []
-    real_log = module.Run.log
 
-    def recording(self, **stats):                 # log() comes after the step's G update
-        seen.append({k: v.detach().clone() for k, v in self.nets["G"].state_dict().items()})
-        real_log(self, **stats)
+    def recording(run, stats):                    # observers come after the step's G update
+        seen.append({k: v.detach().clone() for k, v in run.nets["G"].state_dict().items()})
 
     real_start = module.Run.start
 
@@ -148,7 +146,7 @@ def test_ema_is_the_closed_form_average_and_resumes(tmp_path, monkeypatch):
         seen.append({k: v.detach().clone() for k, v in G.state_dict().items()})   # w_0
         return real_start(self, G, *a, **k)
 
-    monkeypatch.setattr(module.Run, "log", recording)
+    monkeypatch.setattr(module.Run, "observers", [recording])
     monkeypatch.setattr(module.Run, "start", start)
     data = data_for("dcgan.py", tmp_path)
     d, k = 0.9, 5
@@ -166,7 +164,7 @@ def test_ema_is_the_closed_form_average_and_resumes(tmp_path, monkeypatch):
         else:
             assert torch.equal(value, ckpt["G"][name]), name          # buffers: copied
     assert not torch.equal(ckpt["G_ema"]["net.0.weight"], ckpt["G"]["net.0.weight"])
-    monkeypatch.setattr(module.Run, "log", real_log)
+    monkeypatch.setattr(module.Run, "observers", [])
     monkeypatch.setattr(module.Run, "start", real_start)
     run("dcgan.py", "--data", data, "--device", "cpu", "--steps", 8, "--ema", d, "--out", "a")
     run("dcgan.py", "--data", data, "--device", "cpu", "--steps", 4, "--ema", d, "--out", "b")
