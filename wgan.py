@@ -564,7 +564,7 @@ def write_cache(cache, **arrays):
             tmp.unlink(missing_ok=True)                     # also after Ctrl-C or SIGTERM
 
 
-# %% Checkpoints: load, save, the random streams of every process
+# %% Checkpoints: load, save (with the random streams of every process), restore
 def load_checkpoint(path, args):
     """A checkpoint of this script, loaded safely (tensors and plain data only). The flags not given
     on the command line come from it (and are checked as if given), so --resume and --generate need
@@ -603,9 +603,14 @@ def save_checkpoint(run, *paths):
                 for t in state.values() if torch.is_tensor(t)]
     if not torch.stack([t.isfinite().all() for t in tensors if t.is_floating_point()]).all():
         run.meter.check("a weight or an optimizer's state", run.step)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if run.cuda else []}
+    if run.world > 1:                                       # every process's stream, for --resume
+        ranks = [None] * run.world
+        dist.all_gather_object(ranks, rng)
+        rng = {**rng, "ranks": ranks}
     state = {k: v.state_dict() for k, v in run.nets.items()}
     state.update(script=SCRIPT, step=run.step, args=vars(run.args), fixed_noise=run.fixed[0],
-                 rng=random_streams(run))
+                 rng=rng)
     if CONDITIONAL:
         state.update(fixed_labels=run.fixed[1], classes=run.data["classes"])
     for path in paths if run.rank == 0 else []:
@@ -647,16 +652,6 @@ def restore_checkpoint(run, ckpt):
         torch.cuda.set_rng_state_all([s.cpu() for s in streams[run.rank]["cuda"]])
     run.step = ckpt["step"]
     print(f"resumed from step {run.step}")
-
-
-def random_streams(run):
-    """This process's random state (CPU, CUDA); under torchrun every process's, for --resume."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if run.cuda else []}
-    if run.world == 1:
-        return rng
-    ranks = [None] * run.world
-    dist.all_gather_object(ranks, rng)
-    return {**rng, "ranks": ranks}
 
 
 # %% --generate, pictures, D without BatchNorm
@@ -747,20 +742,22 @@ class Folder:
               f"new folder, e.g. --out {self.path}-from-{step}")
 
     def picture(self, images, name):
-        """A grid of the run; one that cannot be written (a folder in its place) never stops it."""
-        try:
-            save_grid(images, self.path / name) if self.lock else None
-        except OSError as e:
-            warn(f"could not write {self.path / name} ({why(e)}); training goes on")
+        self.write(name, save_grid, images, self.path / name)
 
     def write_log(self, header, rows):
+        def log_files():
+            with open(self.path / "log.csv", "w", newline="") as f:
+                csv.writer(f).writerows([header, *rows])
+            plot(rows, header, self.path / "loss.png")
+        self.write("log.csv", log_files)
+
+    def write(self, name, how, *args):
+        """The grids and the log; one that cannot be written (a folder in its place) never stops
+        the run."""
         try:
-            if self.lock:
-                with open(self.path / "log.csv", "w", newline="") as f:
-                    csv.writer(f).writerows([header, *rows])
-                plot(rows, header, self.path / "loss.png")
+            how(*args) if self.lock else None
         except OSError as e:
-            warn(f"could not write the log ({why(e)}); training goes on")
+            warn(f"could not write {self.path / name} ({why(e)}); training goes on")
 
     def close(self):
         if self.lock:
@@ -862,10 +859,7 @@ class FailingRule:
     episode ends after HEALTHY_LINES healthy ones. The start of a run is not judged."""
     QUIET_STEPS, QUIET_SHARE = 1000, 0.1   # not judged: the first 1000 steps or tenth of a run
     FAILING_LINES, HEALTHY_LINES = 5, 20
-
-    def __init__(self):
-        self.bad = self.good = 0
-        self.warned = False
+    bad = good = warned = 0                # failing and healthy lines in a row; said this episode
 
     def __call__(self, means, step, args):
         """The sign of failure when the warning is due now, else None."""
@@ -878,10 +872,32 @@ class FailingRule:
             return sign
 
 
+# %% Fast paths: bf16 autocast, torchrun's DistributedDataParallel, torch.compile
+def fast_paths(run, G, D):
+    """--amp's autocast (bf16, CUDA), torchrun's DistributedDataParallel, --compile: the modules
+    that run.loop's steps call."""
+    args = run.args
+    bf16 = run.cuda and torch.cuda.get_device_capability(run.device)[0] >= 8
+    amp = torch.autocast("cuda", torch.bfloat16) if args.amp and bf16 else None
+    run.autocast = amp or nullcontext()
+    for flag in [f for f in ("amp", "compile") if getattr(args, f) and not run.cuda]:
+        print(f"--{flag} is for CUDA; running without it on {run.device.type}")
+    if args.amp and run.cuda and not bf16:
+        print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
+    if run.world > 1:                       # gradients averaged over the processes; BatchNorm
+        with warnings.catch_warnings():     # statistics: each its own (torch 2.14 renames the flag)
+            warnings.simplefilter("ignore", FutureWarning)
+            G, D = (torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+                    for net in (G, D))
+        print(f"{run.world} processes: batch {args.batch_size} each, "
+              f"{args.batch_size * run.world} in all")
+    return (torch.compile(G), torch.compile(D)) if args.compile and run.cuda else (G, D)
+
+
 # %% The loop: the steps, and after each one the EMA, the log, grids, checkpoints, the stop
 class Run:
     """What train() needs besides the paper: the device, --out, the data, --resume, the fixed noise
-    of the sample grids, then the loop (run.loop(step)). Built in one step; a with-block closes it.
+    of the sample grids, then the loop (run.loop(step)). Built in one step; close() ends it.
     Run.observers: functions f(run, stats) called after every step (run.step: its number) with the
     step's numbers, e.g. to plot them in a notebook."""
     observers = []
@@ -917,12 +933,6 @@ class Run:
         ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
         check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
                               f"; this data has {', '.join(ours or [])}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def close(self):
         for sig, handler in self.handlers.items():
@@ -961,24 +971,7 @@ class Run:
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
         self.folder.picture(images[pick.to(images.device)] / 127.5 - 1, "real.png")
         self.meter, self.failing, self.batches = Meter(self), FailingRule(), 0
-        return self.fast(G, D)
-
-    def fast(self, G, D):
-        """--amp's autocast (bf16, CUDA), torchrun's DistributedDataParallel, --compile."""
-        args = self.args
-        bf16 = self.cuda and torch.cuda.get_device_capability(self.device)[0] >= 8
-        amp = torch.autocast("cuda", torch.bfloat16) if args.amp and bf16 else None
-        self.autocast = amp or nullcontext()
-        for flag in [f for f in ("amp", "compile") if getattr(args, f) and not self.cuda]:
-            print(f"--{flag} is for CUDA; running without it on {self.device.type}")
-        if args.amp and self.cuda and not bf16:
-            print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
-        if self.world > 1:                                  # gradients averaged over the processes;
-            G, D = (torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
-                    for net in (G, D))                      # BatchNorm statistics: each its own
-            print(f"{self.world} processes: batch {args.batch_size} each, "
-                  f"{args.batch_size * self.world} in all")
-        return (torch.compile(G), torch.compile(D)) if args.compile and self.cuda else (G, D)
+        return fast_paths(self, G, D)
 
     def real_batch(self):
         """A batch of real images (and their labels in cgan.py, acgan.py), counted for img/s."""
