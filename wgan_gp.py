@@ -281,6 +281,7 @@ def make_parser(doc):
     g("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     g("--amp", action="store_true", help="bf16 autocast (CUDA)")
     g("--compile", action="store_true", help="torch.compile G and D (CUDA)")
+    g("--cuda-graph", action="store_true", help="capture a whole step as one CUDA graph (CUDA)")
     g("--generate", type=int, metavar="N", help="write N images from --ckpt into --out, then exit")
     g("--ckpt", help="the checkpoint for --generate (default: <out>/last.pt)")
     g("--label", type=int, help="with --generate in cgan.py, acgan.py: draw only this class")
@@ -880,18 +881,25 @@ class FailingRule:
             return sign
 
 
-# %% Fast paths: bf16 autocast, torchrun's DistributedDataParallel, torch.compile
+# %% Fast paths: bf16 autocast, torchrun's DistributedDataParallel, torch.compile, CUDA graphs
 def fast_paths(run, G, D):
-    """--amp's autocast (bf16, CUDA), torchrun's DistributedDataParallel, --compile: the modules
-    that run.loop's steps call."""
-    args = run.args
-    bf16 = run.cuda and torch.cuda.get_device_capability(run.device)[0] >= 8
-    amp = torch.autocast("cuda", torch.bfloat16) if args.amp and bf16 else None
-    run.autocast = amp or nullcontext()
-    for flag in [f for f in ("amp", "compile") if getattr(args, f) and not run.cuda]:
-        print(f"--{flag} is for CUDA; running without it on {run.device.type}")
-    if args.amp and run.cuda and not bf16:
+    """--amp's autocast (bf16, CUDA), torchrun's DistributedDataParallel, --compile, --cuda-graph:
+    returns the modules that the steps call."""
+    args, cuda = run.args, run.cuda
+    bf16 = cuda and torch.cuda.get_device_capability(run.device)[0] >= 8
+    graphs = args.cuda_graph and cuda and run.world == 1 and run.data["images"].is_cuda
+    run.graphs = CudaGraphs(run) if graphs else None
+    for flag in [f for f in ("amp", "compile", "cuda_graph") if getattr(args, f) and not cuda]:
+        print(f"--{flag.replace('_', '-')} is for CUDA; running without it on {run.device.type}")
+    if args.cuda_graph and cuda and not graphs:             # (DDP's all-reduce hooks, host data)
+        print("--cuda-graph: not under torchrun, nor with the images in host memory; eager steps")
+    if args.compile and graphs:
+        print("--compile: not with --cuda-graph (which launches the whole step at once)")
+    if args.amp and cuda and not bf16:
         print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
+    amp = torch.autocast("cuda", torch.bfloat16, cache_enabled=not graphs) if args.amp and bf16 \
+        else None
+    run.autocast = amp or nullcontext()
     if run.world > 1:                       # gradients averaged over the processes; BatchNorm
         with warnings.catch_warnings():     # statistics: each its own (torch 2.14 renames the flag)
             warnings.simplefilter("ignore", FutureWarning)
@@ -899,7 +907,50 @@ def fast_paths(run, G, D):
                     for net in (G, D))
         print(f"{run.world} processes: batch {args.batch_size} each, "
               f"{args.batch_size * run.world} in all")
-    return (torch.compile(G), torch.compile(D)) if args.compile and run.cuda else (G, D)
+    compiled = args.compile and cuda and not graphs
+    return (torch.compile(G), torch.compile(D)) if compiled else (G, D)
+
+
+class CudaGraphs:
+    """--cuda-graph: step() captured as one CUDA graph after WARMUP eager steps (on a side stream,
+    as PyTorch's whole-network capture does), then replayed: one launch for the whole update, which
+    a small GAN otherwise spends launching hundreds of kernels. The same Python code, run once more
+    under capture; one graph per key (wgan.py: per number of critic updates). The optimizers step
+    on the device (capturable). A step that cannot be captured trains eagerly, said in one line."""
+    WARMUP = 3
+
+    def __init__(self, run):
+        self.run, self.graphs, self.seen, self.stream = run, {}, {}, torch.cuda.Stream()
+        for opt in (run.nets["opt_G"], run.nets["opt_D"]):
+            for group in opt.param_groups:
+                group["capturable"] = True
+            for state in opt.state.values():                # (a checkpoint's eager optimizer)
+                state["step"] = state["step"].to(run.device)
+
+    def __call__(self, step, args):
+        run = self.run
+        if args in self.graphs:
+            graph, stats, run.batches = self.graphs[args]
+            graph.replay()
+            return stats
+        self.seen[args] = self.seen.get(args, 0) + 1
+        graph = torch.cuda.CUDAGraph() if self.seen[args] > self.WARMUP else None
+        self.stream.wait_stream(torch.cuda.current_stream())  # warm-up and capture: one stream
+        with torch.cuda.stream(self.stream):
+            try:
+                with torch.cuda.graph(graph, stream=self.stream) if graph else nullcontext():
+                    stats = step(*args)                     # (a capture records, runs nothing)
+            except Exception as e:
+                if not graph:
+                    raise
+                warn(f"--cuda-graph: this step cannot be captured ({why(e)}); training eagerly")
+                run.graphs, graph, run.batches = None, None, 0
+                stats = step(*args)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        if graph:
+            self.graphs[args] = graph, stats, run.batches
+            graph.replay()
+        return stats
 
 
 # %% The loop: the steps, and after each one the EMA, the log, grids, checkpoints, the stop
@@ -992,8 +1043,8 @@ class Run:
         updates before generator update n)."""
         self.training = True
         for self.step in range(self.step + 1, self.args.steps + 1):
-            self.batches = 0
-            stats = step(key(self.step)) if key else step()
+            self.batches, args = 0, (key(self.step),) if key else ()
+            stats = self.graphs(step, args) if self.graphs else step(*args)
             self.meter.add(stats, self.step, self.batches * self.args.batch_size)
             for observe in self.observers:
                 observe(self, stats)

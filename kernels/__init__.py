@@ -8,8 +8,8 @@ gradient_penalty  WGAN-GP: weight * mean_b (||grads_b||_2 - target)^2, the norm 
                   axes, float32 sums; its backward flows on into the critic's double backward.
 clip_weights_     WGAN: clamp every floating-point parameter to [-c, c], a launch per device/dtype.
 
-Both take impl="auto" | "triton" | "torch"; kernels/_dispatch.py says how "auto" chooses, and how
-the environment variable GAN_KERNELS=torch sends it to the reference.
+Both take impl="auto" | "triton" | "torch"; kernels/_dispatch.py says how "auto" chooses (per op,
+from the last end-to-end measurement), and how GAN_KERNELS=torch or =triton overrides it.
 """
 from .clip import clip_weights_
 from .gradient_penalty import gradient_penalty

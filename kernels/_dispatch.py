@@ -1,14 +1,14 @@
 """How an op of this package picks its path: the Triton kernel or the plain PyTorch reference.
 
 Both ops take impl="auto" | "triton" | "torch" (as StyleGAN2-ADA's bias_act: impl="cuda" | "ref"):
-  "auto"    the Triton kernel for CUDA tensors, when Triton imports and the kernel compiles; else
-            the reference (CPU, MPS, no Triton). A kernel that fails at its first use warns once,
-            and the reference takes over for that op and dtype.
+  "auto"    the path that was faster end to end on a CUDA GPU for that op (AUTO_ON_CUDA below),
+            the reference on CPU, MPS or without Triton. A kernel that fails at its first use
+            warns once, and the reference takes over for that op and dtype.
   "triton"  the kernel, always; CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 set
             before this package is imported: that is how the tests run without a GPU).
   "torch"   the reference: the few plain PyTorch lines that define what the kernel computes.
-GAN_KERNELS=torch in the environment makes "auto" take the reference everywhere; an explicit
-impl="triton" still runs the kernel.
+GAN_KERNELS=torch or GAN_KERNELS=triton in the environment makes "auto" take that path for CUDA
+tensors; an explicit impl is always obeyed.
 """
 
 import os
@@ -23,6 +23,15 @@ except Exception:                    # no Triton (macOS, Windows, some CPU-only 
     tl = types.SimpleNamespace(constexpr=int)
 
 ENV_VAR = "GAN_KERNELS"
+# What "auto" takes for CUDA tensors, per op: the faster path end to end in the last measurement
+# (H100, torch 2.11, triton 3.6, 2026-11-25, eager training steps of benchmarks/train_speed.py).
+# Both kernels lost there: the loop was bound by the host's time per launch, and a Triton launch
+# from Python costs more of it than the reference's few ATen ops (wgan_gp.py 4.8k critic img/s
+# with the penalty kernel, 5.0k with the reference; wgan.py --no-critic-warmup 11.0k with the clip
+# kernel, 14.2k with the reference). benchmarks/gpu_check.sh measures both ops again, eager and
+# inside a captured step (--cuda-graph), where a launch costs no host time; set "triton" here for
+# an op where the kernel then wins.
+AUTO_ON_CUDA = {"gradient_penalty": "torch", "clip_weights_": "torch"}
 # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when this package is imported
 INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 _worked, _broken = set(), set()      # (op or kernel, dtype) that ran, or failed at first use
@@ -52,7 +61,7 @@ def use_triton(impl, t, op):
         triton is not None
         and t.is_cuda
         and not INTERPRET
-        and os.environ.get(ENV_VAR) != "torch"
+        and os.environ.get(ENV_VAR, AUTO_ON_CUDA.get(op, "triton")) == "triton"
         and (op, t.dtype) not in _broken
     )
 

@@ -23,16 +23,18 @@ def clip_weights_(params, c, impl="auto"):
     params: an iterable of tensors, e.g. critic.parameters() (a generator is fine); tensors that are
             not floating point are left alone.
     c:      the bound (WGAN: 0.01).
-    impl:   "auto" (default): the Triton kernel for CUDA tensors when Triton works, one launch per
-            (device, dtype), else the PyTorch reference (`p.clamp_(-c, c)` under no_grad);
-            "triton": the kernel (CPU tensors only under TRITON_INTERPRET=1); "torch": the
-            reference. GAN_KERNELS=torch makes "auto" take the reference everywhere.
+    impl:   "auto" (default): on CUDA tensors the path that was faster end to end (see
+            kernels/_dispatch.py), else the PyTorch reference (`p.clamp_(-c, c)` under no_grad);
+            "triton": the kernel, one launch per (device, dtype) (CPU tensors only under
+            TRITON_INTERPRET=1); "torch": the reference. GAN_KERNELS=torch or =triton makes
+            "auto" take that path.
     The result is bit-equal to torch.clamp; the bounds are converted to the parameter dtype once, as
     clamp_ does. A non-contiguous (or not 16-byte aligned) parameter is clamped with clamp_.
     """
     params = list(params)
     c = float(c)
-    if impl == "torch" or (impl == "auto" and not (params and params[0].is_cuda)):
+    if impl == "torch" or (impl == "auto" and not (params and use_triton(impl, params[0],
+                                                                         "clip_weights_"))):
         return _clip_torch_([p for p in params if p.is_floating_point()], c)
     plan = _plan_for(params)
     launched = False

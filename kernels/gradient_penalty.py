@@ -29,9 +29,10 @@ def gradient_penalty(grads, weight=10.0, target=1.0, one_sided=False, impl="auto
     grads:  (B, ...) the critic's gradient w.r.t. its input, from
             torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)[0]; the norm is over
             all non-batch axes. float32, float16, bfloat16 or float64; any layout.
-    impl:   "auto" (default): the fused Triton kernels for CUDA tensors when Triton works, else the
-            PyTorch reference; "triton": the kernels (CPU tensors only under TRITON_INTERPRET=1);
-            "torch": the reference. GAN_KERNELS=torch makes "auto" take the reference everywhere.
+    impl:   "auto" (default): on CUDA tensors the path that was faster end to end (see
+            kernels/_dispatch.py), else the PyTorch reference; "triton": the fused kernels (CPU
+            tensors only under TRITON_INTERPRET=1); "torch": the reference. GAN_KERNELS=torch or
+            =triton makes "auto" take that path.
     Returns a 0-dim tensor, float32 (float64 for float64 grads); sums of squares are accumulated in
     float32. loss.backward() flows on into the graph that produced `grads`. A row whose norm is zero
     gets a zero gradient, as torch's norm gives.

@@ -330,10 +330,17 @@ def test_impl_and_the_environment_variable(monkeypatch):
     monkeypatch.delenv("GAN_KERNELS", raising=False)
     assert penalty_path(grads, impl="triton") == "triton"
     assert penalty_path(grads, impl="torch") == "torch"
-    assert penalty_path(grads) == ("triton" if CUDA else "torch")   # "auto": CUDA tensors only
+    # "auto": the path that won end to end on a GPU (the reference, in the last measurement)
+    monkeypatch.setitem(dispatch.AUTO_ON_CUDA, "gradient_penalty", "torch")
+    assert penalty_path(grads) == "torch"
+    monkeypatch.setitem(dispatch.AUTO_ON_CUDA, "gradient_penalty", "triton")
+    assert penalty_path(grads) == ("triton" if CUDA else "torch")   # CUDA tensors only
     monkeypatch.setenv("GAN_KERNELS", "torch")
     assert penalty_path(grads) == "torch"
     assert penalty_path(grads, impl="triton") == "triton"            # a forced impl is obeyed
+    monkeypatch.setitem(dispatch.AUTO_ON_CUDA, "gradient_penalty", "torch")
+    monkeypatch.setenv("GAN_KERNELS", "triton")
+    assert penalty_path(grads) == ("triton" if CUDA else "torch")
     with pytest.raises(ValueError, match="impl"):
         gradient_penalty(grads, impl="cuda")
 
@@ -397,32 +404,31 @@ def test_kernels_and_training_steps_never_sync_the_host(tmp_path, monkeypatch):
     grads = make_grads((64, 3, 32, 32), torch.float32).requires_grad_()
     params = [nn.Parameter(torch.randn(1000, device="cuda")) for _ in range(5)]
     for _ in range(2):
-        gradient_penalty(grads).backward()
-        clip_weights_(params, 0.01)
+        gradient_penalty(grads, impl="triton").backward()
+        clip_weights_(params, 0.01, impl="triton")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gradient_penalty(grads).backward()
-        clip_weights_(params, 0.01)
+        gradient_penalty(grads, impl="triton").backward()
+        clip_weights_(params, 0.01, impl="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     from common import load_script, make_folder, run
     data = make_folder(tmp_path / "images", n=8)
+    monkeypatch.setenv("GAN_KERNELS", "triton")               # the steps use the kernels
     for script in ("wgan.py", "wgan_gp.py"):
         module = load_script(script)
-        real_steps = module.Run.steps
 
-        def checked_steps(self):
-            for step in real_steps(self):
-                if step > 2:                              # the first steps warm up (cudnn, caches)
-                    torch.cuda.synchronize()
-                    torch.cuda.set_sync_debug_mode("error")
-                yield step
-                torch.cuda.set_sync_debug_mode("default")
+        def strict_after_warmup(run_, stats):             # the first steps warm up (cudnn, caches)
+            torch.cuda.set_sync_debug_mode("error" if 2 <= run_.step < 4 else "default")
 
-        monkeypatch.setattr(module.Run, "steps", checked_steps)
-        run(script, "--data", data, "--steps", 4, "--out", script, "--device", "cuda",
-            "--log-every", 100, "--sample-every", 100, "--ckpt-every", 100)
+        monkeypatch.setattr(module.Run, "observers", [strict_after_warmup])
+        try:
+            run(script, "--data", data, "--steps", 5, "--out", script, "--device", "cuda",
+                "--log-every", 100, "--sample-every", 100, "--ckpt-every", 100,
+                "--keep-every", 100)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 # %% The compiler: a kernel that only the compiler rejects fails here, without a GPU
