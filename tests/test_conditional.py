@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from common import CONDITIONAL_SCRIPTS, IMG, TINY, error_of, load, load_script, make_folder, run
+from common import (CONDITIONAL_SCRIPTS, IMG, TINY, error_of, load, load_script, make_folder,
+                    models_from, record_steps, run)
 
 SCRIPTS = sorted(CONDITIONAL_SCRIPTS)
 PAD = 2                                              # torchvision's make_grid padding
@@ -21,15 +22,6 @@ def classes_folder(tmp_path, names, n=2):
 def grid_rows_cols(path, size=IMG):
     w, h = Image.open(path).size
     return (h - PAD) // (size + PAD), (w - PAD) // (size + PAD)
-
-
-def trained_G(script, ckpt):
-    module = load_script(script)
-    args = module.parse_args([])
-    vars(args).update(ckpt["args"])                  # the model's shape comes from the checkpoint
-    G = module.build_models(args)[0]
-    G.load_state_dict(ckpt["G"])
-    return G.eval()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -120,7 +112,7 @@ def test_the_label_changes_G_for_a_fixed_z(script, tmp_path):
     run(script, "--data", data, "--steps", 3, "--out", "out", "--device", "cpu")
     ckpt = load(tmp_path / "out" / "last.pt")
     # float64: rounding noise ~1e-15, far below any real effect
-    G = trained_G(script, ckpt).double()
+    G = models_from(ckpt)[0].eval().double()
     z = torch.randn(1, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(1),
                     dtype=torch.float64)
     with torch.no_grad():
@@ -182,8 +174,8 @@ def test_acgan_logs_its_class_accuracies(tmp_path, monkeypatch):
     """acc_real is D's class accuracy on the real batch, acc_fake on G's images for the asked
     labels: recomputed here from D's class logits and the labels the step used, step by step."""
     module = load_script("acgan.py")
-    seen = {"logits": [], "asked": [], "real": [], "logged": []}
-    build, real_batch, log = module.build_models, module.Run.real_batch, module.Run.log
+    seen = {"logits": [], "asked": [], "real": [], "logged": record_steps(module, monkeypatch)}
+    build, real_batch = module.build_models, module.Run.real_batch
 
     def recording_build(args):
         G, D = build(args)
@@ -196,13 +188,8 @@ def test_acgan_logs_its_class_accuracies(tmp_path, monkeypatch):
         seen["real"].append(y.clone())
         return x, y
 
-    def recording_log(self, **stats):
-        seen["logged"].append({k: v.item() for k, v in stats.items()})
-        return log(self, **stats)
-
     monkeypatch.setattr(module, "build_models", recording_build)
     monkeypatch.setattr(module.Run, "real_batch", recording_real_batch)
-    monkeypatch.setattr(module.Run, "log", recording_log)
     data = classes_folder(tmp_path, ["a", "b", "c"])
     run("acgan.py", "--data", data, "--steps", 3, "--out", "out", "--device", "cpu",
         "--sample-every", 100)
