@@ -75,15 +75,20 @@ def test_real_batches_keep_image_and_label_together():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
     """Training labels (real and fake), the grid's labels and --generate's labels all lie in
-    range(n_classes), and the fake labels cover that range."""
+    range(n_classes), and the fake labels of training (not only the grid's) cover that range."""
     module = load_script(script)
-    seen = {"G": [], "D": []}
+    seen = {"G": [], "D": [], "trained": []}
     build = module.build_models
+
+    def trained(G, inputs):                          # training's G(z, labels), not the grid's
+        if G.training:
+            seen["trained"].append(inputs[1].detach().clone())
 
     def recording_build(args):
         G, D = build(args)
         # G(z, labels)
         G.register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[1].detach().clone()))
+        G.register_forward_pre_hook(trained)
         if hasattr(D, "label_map"):                  # cgan's D reads the label too
             D.label_map.register_forward_pre_hook(
                 lambda m, inp: seen["D"].append(inp[0].detach().clone()))
@@ -98,6 +103,7 @@ def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
     g = torch.cat(seen["G"])
     assert g.dtype == torch.long and g.min() >= 0 and g.max() <= 2
     assert set(g.tolist()) == {0, 1, 2}
+    assert len(seen["trained"]) == 6 and set(torch.cat(seen["trained"]).tolist()) == {0, 1, 2}
     if seen["D"]:
         d = torch.cat(seen["D"])
         assert d.min() >= 0 and d.max() <= 2 and set(d.tolist()) == {0, 1, 2}
