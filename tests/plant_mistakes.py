@@ -4,7 +4,7 @@ repository, and check that the tests catch every one (mutation testing by hand).
 
     python tests/plant_mistakes.py               # every mutant, against the test files it names
     python tests/plant_mistakes.py --all-tests   # every mutant against the whole suite
-    python tests/plant_mistakes.py -k wgan_gp    # only the mutants whose name contains wgan_gp
+    python tests/plant_mistakes.py -k wgan_gp    # only the mutants whose names contain wgan_gp
     python tests/plant_mistakes.py --list        # the mutants, without running anything
 
 Each mutant is an exact string replacement in one file; its original text must occur exactly once
@@ -39,6 +39,9 @@ MUTANTS = [
      "for _ in range(args.d_steps):", "for _ in range(1):", FORMULAS),
     ("vanilla: --g-steps ignored", "vanilla_gan.py",
      "for _ in range(args.g_steps):", "for _ in range(1):", FORMULAS),
+    ("vanilla: the G batches reuse the D batch's z", "vanilla_gan.py",
+     "for _ in range(args.g_steps):\n            z = torch.randn(args.batch_size, args.latent_dim, "
+     "device=device)\n", "for _ in range(args.g_steps):\n", FORMULAS),
     ("vanilla: G without tanh", "vanilla_gan.py",
      "nn.Linear(4 * hidden, math.prod(self.shape)), nn.Tanh(),",
      "nn.Linear(4 * hidden, math.prod(self.shape)),", FORMULAS),
@@ -68,12 +71,18 @@ MUTANTS = [
     ("dcgan: ReLU in D's first layer", "dcgan.py",
      "layers = [nn.Conv2d(channels, width[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]",
      "layers = [nn.Conv2d(channels, width[0], 4, 2, 1, bias=False), nn.ReLU(True)]", FORMULAS),
+    ("dcgan: LeakyReLU(0.02) in D", "dcgan.py",
+     "nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]",
+     "nn.BatchNorm2d(c_out), nn.LeakyReLU(0.02, True)]", FORMULAS),
     # ---- cgan.py
     ("cgan: saturating G loss", "cgan.py",
      "loss_G = bce(D(fake, fake_labels), ones)",
      "loss_G = -bce(D(fake, fake_labels), zeros)", CONDITIONAL),
     ("cgan: G ignores its label", "cgan.py",
      "self.embed(labels)], dim=1)", "self.embed(torch.zeros_like(labels))], dim=1)", CONDITIONAL),
+    ("cgan: G reads [embed(y), z]", "cgan.py",
+     "torch.cat([z.view(z.size(0), -1), self.embed(labels)], dim=1)",
+     "torch.cat([self.embed(labels), z.view(z.size(0), -1)], dim=1)", CONDITIONAL),
     ("cgan: D ignores the label", "cgan.py",
      "return self.net(torch.cat([x, y], dim=1)).view(-1)",
      "return self.net(torch.cat([x, 0 * y], dim=1)).view(-1)", CONDITIONAL),
@@ -127,6 +136,9 @@ MUTANTS = [
     ("wgan: no clipping at the start", "wgan.py",
      "    clip_weights_(D.parameters(), args.clip)  # the critic starts inside the clipping box",
      "    pass", FORMULAS),
+    ("wgan: --clip ignored in the loop", "wgan.py",
+     "clip_weights_(D.parameters(), args.clip)   # keeps",
+     "clip_weights_(D.parameters(), 0.01)   # keeps", FORMULAS),
     ("wgan: graph through G in the critic step", "wgan.py",
      "with torch.no_grad():         # no graph through G: this step must not change G",
      "if True:", FORMULAS),
@@ -183,6 +195,8 @@ MUTANTS = [
      "0.5 * (d_real - a).square().mean() + 0.5 * (d_fake - b).square().mean()", FORMULAS),
     ("lsgan: G's target a instead of c", "lsgan.py",
      "loss_G = 0.5 * (D(fake) - c)", "loss_G = 0.5 * (D(fake) - a)", FORMULAS),
+    ("lsgan: D's target for reals c instead of b", "lsgan.py",
+     "loss_D = 0.5 * (d_real - b)", "loss_D = 0.5 * (d_real - c)", FORMULAS),
     ("lsgan: the 1/2 of L_G dropped", "lsgan.py",
      "loss_G = 0.5 * (D(fake) - c)", "loss_G = (D(fake) - c)", FORMULAS),
     ("lsgan: the 1/2 of L_D dropped", "lsgan.py",
@@ -214,6 +228,9 @@ MUTANTS = [
     ("ebgan: G loss sign flipped", "ebgan.py",
      "loss_G = energy_G.mean() + args.pt_weight * pt",
      "loss_G = -energy_G.mean() + args.pt_weight * pt", FORMULAS),
+    ("ebgan: the margin on the real energies too", "ebgan.py",
+     "loss_D = energy_real.mean() + ", "loss_D = F.relu(args.margin - energy_real).mean() + ",
+     FORMULAS),
     ("ebgan: energy summed over pixels", "ebgan.py",
      ".square().flatten(1).mean(1)", ".square().flatten(1).sum(1)", FORMULAS),
     ("ebgan: G (and D's decoder) without tanh", "ebgan.py",
@@ -266,11 +283,14 @@ def plant(root, name, path, old, new, tests, all_tests):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-k", default="", help="only the mutants whose name contains this")
+    ap.add_argument("-k", action="append", default=[],
+                    help="only the mutants whose name contains this (may be repeated)")
     ap.add_argument("--all-tests", action="store_true", help="run the whole suite each time")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = ap.parse_args()
-    mutants = [m for m in MUTANTS if args.k in m[0]]
+    mutants = [m for m in MUTANTS if not args.k or any(k in m[0] for k in args.k)]
+    if not mutants:
+        sys.exit(f"no mutant's name contains {' or '.join(map(repr, args.k))}")
     if args.list:
         for name, path, *_ in mutants:
             print(f"{name:55} {path}")
