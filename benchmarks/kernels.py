@@ -11,6 +11,8 @@ Rows:
   clip_weights_, float32, c=0.01, on a DCGAN 64x64 critic, an MLP critic and 100M parameters in
       1000 tensors: a per-parameter clamp_ loop (eager, = the reference),
       torch._foreach_clamp_min_/max_, torch.compile of the loop, Triton (impl="triton").
+"(graph)" rows replay the same call from a CUDA graph: no host time per launch, as inside a
+--cuda-graph training step, so they show what the GPU itself spends.
 Times are medians of triton.testing.do_bench (which clears the L2 cache before every call). GB/s
 counts the bytes the operation must move at least, the same for every implementation: the penalty
 reads grads twice (forward, backward) and writes the gradient once (3 x grads bytes); clipping reads
@@ -37,6 +39,31 @@ def bench_ms(fn):
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def graphed(step):
+    """step() captured once as a CUDA graph (after warm-up calls on the capture stream): replaying
+    it costs no host time per kernel launch."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = step()
+    torch.cuda.current_stream().wait_stream(stream)
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def with_graphs(impls):
+    """Each implementation as it is, and (unless it is torch.compile's) replayed from a graph."""
+    return {**impls, **{f"{name} (graph)": step for name, step in impls.items()
+                        if step is not None and "compile" not in name}}
+
+
 def copy_bandwidth_gbps():
     src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()      # 1 GiB
     dst = torch.empty_like(src)
@@ -58,12 +85,14 @@ def penalty_rows(use_compile):
                      "triton": lambda g: gradient_penalty(g, impl="triton")}
             reference = torch.autograd.grad(impls["eager"](grads), grads)[0]
             case = f"B={B} {'x'.join(map(str, size))}"
-            for name, penalty in impls.items():
-                if penalty is None:
+            steps = {name: None if penalty is None else
+                     (lambda penalty=penalty: torch.autograd.grad(penalty(grads), grads)[0])
+                     for name, penalty in impls.items()}
+            for name, step in with_graphs(steps).items():
+                if step is None:
                     continue
-
-                def step(penalty=penalty):
-                    return torch.autograd.grad(penalty(grads), grads)[0]
+                if name.endswith("(graph)"):
+                    step = lazily_graphed(step)
                 rows.append(measure("penalty fwd+bwd", case, name, step, nbytes, reference))
             print(f"  penalty {case} done", file=sys.stderr, flush=True)
     return rows
@@ -120,23 +149,36 @@ def clip_rows(use_compile):
             # most values beyond the bounds
             initial = [p.detach().clone().mul_(100) for p in params]
         reference = [p.clamp(-CLIP_C, CLIP_C) for p in initial]
-        for name, clip in [("clamp_ loop (eager)", loop_), ("foreach clamp_min_/max_", foreach_),
-                           ("torch.compile", compiled_loop_),
-                           ("triton", lambda params: clip_weights_(params, CLIP_C, impl="triton"))]:
-            if clip is None:
+        clips = {"clamp_ loop (eager)": loop_, "foreach clamp_min_/max_": foreach_,
+                 "torch.compile": compiled_loop_,
+                 "triton": lambda params: clip_weights_(params, CLIP_C, impl="triton")}
+        steps = {name: None if clip is None else (lambda clip=clip, params=params:
+                                                   clip(params) or params)
+                 for name, clip in clips.items()}
+        for name, step in with_graphs(steps).items():
+            if step is None:
                 continue
             with torch.no_grad():
                 for p, x in zip(params, initial):
                     p.copy_(x)
-
-            def step(clip=clip, params=params):
-                clip(params)
-                return params
+            if name.endswith("(graph)"):
+                step = lazily_graphed(step)
             rows.append(measure("clip_weights_", case, name, step, nbytes, reference))
         print(f"  clip {case} done", file=sys.stderr, flush=True)
         del params, initial, reference
         torch.cuda.empty_cache()
     return rows
+
+
+def lazily_graphed(step):
+    """graphed(step), captured at the first call (inside measure(), which reports a failure)."""
+    replay = []
+
+    def call():
+        if not replay:
+            replay.append(graphed(step))
+        return replay[0]()
+    return call
 
 
 # %% Measuring and the table
@@ -157,17 +199,17 @@ def measure(op, case, impl, step, nbytes, reference):
 def print_table(rows, copy_gbps):
     baselines = {(r["op"], r["case"]): r["us"] for r in rows
                  if r["impl"] in ("eager", "clamp_ loop (eager)") and "us" in r}
-    header = (f"| {'op':<16} | {'case':<50} | {'implementation':<24} | {'us':>9} | {'GB/s':>7} | "
+    header = (f"| {'op':<16} | {'case':<50} | {'implementation':<32} | {'us':>9} | {'GB/s':>7} | "
               f"{'% copy':>6} | {'vs eager':>8} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['op']:<16} | {r['case']:<50} | {r['impl']:<24} | {r['error']} |")
+            print(f"| {r['op']:<16} | {r['case']:<50} | {r['impl']:<32} | {r['error']} |")
             continue
         speedup = baselines.get((r["op"], r["case"]), float("nan")) / r["us"]
         flag = "" if r["ok"] else "  (result differs!)"
-        print(f"| {r['op']:<16} | {r['case']:<50} | {r['impl']:<24} | {r['us']:9.1f} | "
+        print(f"| {r['op']:<16} | {r['case']:<50} | {r['impl']:<32} | {r['us']:9.1f} | "
               f"{r['gbps']:7.0f} | {100 * r['gbps'] / copy_gbps:5.0f}% | {speedup:7.2f}x |{flag}")
 
 

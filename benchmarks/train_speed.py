@@ -2,16 +2,20 @@
 GPU; --device cpu runs it too, to check the benchmark itself).
 
     python benchmarks/train_speed.py                       # everything: about 30-60 min on an H100
-    python benchmarks/train_speed.py --scripts dcgan.py wgan_gp.py --modes eager compile
+    python benchmarks/train_speed.py --scripts dcgan.py wgan_gp.py --modes eager graph
+    python benchmarks/train_speed.py --preset gpu-check    # the GPU issue's matrix, a few minutes
 
-Each configuration runs the script as a user does (a subprocess): on --data mnist at 32x32 (the
-bundled mnist-mini when MNIST is not under --data-root) and on a folder of 2,000 random 64x64
-images made once, for --steps generator updates with a log line every --log-every steps. "img/s"
-is the median of the log lines after the first (the steady state): real images per second, which
-for the critics counts their n_critic batches. "vs eager" divides it by the same script's eager
-run with the same kernels. "first log" is the seconds from the process's start to its first log
-line: imports, data, models, compilation, cudnn's autotuning and the first --log-every steps.
-wgan.py and wgan_gp.py run once with the Triton kernels and once with GAN_KERNELS=torch.
+Each configuration runs the script as a user does, a subprocess (or, with --in-process, main([...])
+in this process, which saves each run the imports): on --data mnist at 32x32 (the bundled
+mnist-mini when MNIST is not under --data-root) and on a folder of 2,000 random 64x64 images made
+once, for --steps generator updates with a log line every --log-every steps. "img/s" is the median
+of the log lines after the first (the steady state): real images per second, which for the critics
+counts their n_critic batches. "vs eager" divides it by the same script's eager run with the same
+kernels. "first log" is the seconds from the run's start to its first log line: data, models,
+compilation or capture, cudnn's autotuning and the first --log-every steps. Modes: eager, graph
+(--cuda-graph), amp (--amp), compile (--compile) and their pairs. wgan.py and wgan_gp.py run once
+with GAN_KERNELS=triton (the Triton kernels) and once with GAN_KERNELS=torch (the reference);
+wgan.py with --no-critic-warmup, so that every step is the steady one.
 
 The "plain loop" rows (dcgan.py, wgan_gp.py) train the same models as most repositories do: a
 DataLoader from host memory, eager float32, loss.item() every step (a host sync).
@@ -35,8 +39,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["vanilla_gan.py", "dcgan.py", "cgan.py", "acgan.py", "wgan.py", "wgan_gp.py",
            "lsgan.py", "ebgan.py"]
-MODES = {"eager": [], "amp": ["--amp"], "compile": ["--compile"],
+MODES = {"eager": [], "graph": ["--cuda-graph"], "amp": ["--amp"],
+         "amp+graph": ["--amp", "--cuda-graph"], "compile": ["--compile"],
          "amp+compile": ["--amp", "--compile"]}
+# --preset gpu-check: the GPU issue's runs, at the papers' batch sizes and 32 and 64 px; --amp with
+# the reference kernels only (to fit the check's minutes)
+GPU_CHECK = {"dcgan.py": ["eager", "graph", "amp", "amp+graph"], "wgan.py": ["eager", "graph"],
+             "wgan_gp.py": ["eager", "graph", "amp"]}
 SPEED = re.compile(r"\| ([\d,]+) img/s \|")
 
 
@@ -52,10 +61,14 @@ def random_folder(root, n=2000, size=64):
 
 
 def run_script(script, data, flags, env, args, out):
-    cmd = [sys.executable, str(REPO / script), "--data", str(data), "--data-root", args.data_root,
-           "--steps", str(args.steps), "--log-every", str(args.log_every), "--device", args.device,
-           "--sample-every", "1000000000", "--ckpt-every", "1000000000",
-           "--keep-every", "1000000000", "--out", str(out), *flags]
+    argv = ["--data", str(data), "--data-root", args.data_root, "--steps", str(args.steps),
+            "--log-every", str(args.log_every), "--device", args.device,
+            "--sample-every", "1000000000", "--ckpt-every", "1000000000",
+            "--keep-every", "1000000000", "--out", str(out), *flags]
+    argv += ["--no-critic-warmup"] if script == "wgan.py" else []
+    if args.in_process:
+        return run_in_process(script, argv, env)
+    cmd = [sys.executable, str(REPO / script), *argv]
     t0, first, speeds = time.time(), None, []
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, **env})
@@ -70,13 +83,55 @@ def run_script(script, data, flags, env, args, out):
     return {"ips": statistics.median(steady), "first": first}
 
 
+class LogLines(io.StringIO):
+    """stdout of an in-process run: the img/s of each log line, and when the first came."""
+
+    def __init__(self):
+        super().__init__()
+        self.t0, self.first, self.speeds = time.time(), None, []
+
+    def write(self, text):
+        for line in text.splitlines():
+            if SPEED.search(line):
+                self.first = self.first or time.time() - self.t0
+                self.speeds.append(float(SPEED.search(line).group(1).replace(",", "")))
+        return super().write(text)
+
+
+def run_in_process(script, argv, env):
+    module, saved = load(script), {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    lines, err = LogLines(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(lines), contextlib.redirect_stderr(err):
+            module.main(argv)
+    except SystemExit as e:
+        if e.code:
+            return {"error": str(e.code)[:70]}
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    steady = lines.speeds[1:] or lines.speeds
+    return {"ips": statistics.median(steady), "first": lines.first} if steady else \
+        {"error": (err.getvalue().strip().splitlines() or ["no log line"])[-1][:70]}
+
+
+def load(script):
+    """The script as a module (once), as tests/common.py loads it."""
+    name = "bench_" + script[:-3]
+    if name not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(name, REPO / script)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def plain_loop(script, data_arg, args):
     """The same models, trained as most repositories do: DataLoader, float32, .item() per step."""
     sys.path.insert(0, str(REPO))
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_" + script[:-3], REPO / script)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+    m = load(script)
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
     a = m.parse_args(["--data", str(data_arg), "--data-root", args.data_root])
@@ -135,7 +190,12 @@ def main(argv=None):
     p.add_argument("--data-root", default=".gpu/data", help="where MNIST/raw is (else mnist-mini)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-loop rows")
+    p.add_argument("--in-process", action="store_true", help="main([...]) here, not a subprocess")
+    p.add_argument("--preset", choices=["gpu-check"], help="the GPU issue's matrix (in-process)")
+    p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
+    if args.preset:
+        args.scripts, args.in_process = list(GPU_CHECK), True
     work = Path(tempfile.mkdtemp(prefix="train_speed-"))
     folder = random_folder(work / "random64") if 64 in args.sizes else None
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" \
@@ -144,36 +204,46 @@ def main(argv=None):
           f"lines after the first", flush=True)
     header = f"| {'script':<14} | {'data':<9} | {'mode':<11} | {'kernels':<7} | {'img/s':>9} | " \
              f"{'vs eager':>8} | {'first log (s)':>13} |"
-    print(header + "\n|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    rule = "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"
+    print(header + "\n" + rule)
+    if args.markdown:
+        Path(args.markdown).write_text(f"{name}, torch {torch.__version__}\n\n{header}\n{rule}\n")
+    sys.path.insert(0, str(REPO))                          # the scripts' `from kernels import`
     for size in args.sizes:
         data = "mnist" if size == 32 else folder
         for script in args.scripts:
             for kernels in (["triton", "torch"] if script in ("wgan.py", "wgan_gp.py") else ["-"]):
                 eager = None
-                for mode in args.modes:
-                    env = {"GAN_KERNELS": "torch"} if kernels == "torch" else {}
+                modes = GPU_CHECK[script] if args.preset else args.modes
+                for mode in [m for m in modes if not (args.preset and kernels == "triton"
+                                                      and "amp" in m)]:
+                    env = {"GAN_KERNELS": kernels} if kernels != "-" else {}
                     flags = MODES[mode] + (["--img-size", "64"] if size == 64 else [])
                     out = work / f"{script}-{size}-{mode}-{kernels}"
                     r = run_script(script, data, flags, env, args, out)
-                    row(script, f"{size}x{size}", mode, kernels, r, eager)
+                    row(script, f"{size}x{size}", mode, kernels, r, eager, args.markdown)
                     eager = r.get("ips") if mode == "eager" else eager
             if script in ("dcgan.py", "wgan_gp.py") and not args.no_plain:
                 try:
                     row(script, f"{size}x{size}", "plain loop", "torch" if "gp" in script else "-",
-                        plain_loop(script, data, args), None)
+                        plain_loop(script, data, args), None, args.markdown)
                 except Exception as e:
-                    row(script, f"{size}x{size}", "plain loop", "-", {"error": str(e)[:70]}, None)
+                    row(script, f"{size}x{size}", "plain loop", "-", {"error": str(e)[:70]}, None,
+                        args.markdown)
 
 
-def row(script, data, mode, kernels, r, eager):
+def row(script, data, mode, kernels, r, eager, markdown=None):
     if "error" in r:
-        print(f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['error']} |",
-              flush=True)
-        return
-    ratio = f"{r['ips'] / eager:7.2f}x" if eager else f"{'':>8}"
-    first = f"{r['first']:13.1f}" if r["first"] else f"{'':>13}"
-    print(f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['ips']:9,.0f} | {ratio} | "
-          f"{first} |", flush=True)
+        line = f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['error']} |"
+    else:
+        ratio = f"{r['ips'] / eager:7.2f}x" if eager else f"{'':>8}"
+        first = f"{r['first']:13.1f}" if r["first"] else f"{'':>13}"
+        line = (f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['ips']:9,.0f} | "
+                f"{ratio} | {first} |")
+    print(line, flush=True)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

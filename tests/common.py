@@ -69,6 +69,32 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def models_from(ckpt):
+    """G and D rebuilt from a checkpoint's own script and flags, with its weights, as a notebook
+    user does it (SPEC.md: the checkpoint)."""
+    module = load_script(ckpt["script"])
+    args = module.parse_args([])
+    vars(args).update(ckpt["args"])                  # the models' shapes come from the checkpoint
+    G, D = module.build_models(args)
+    G.load_state_dict(ckpt["G"])
+    D.load_state_dict(ckpt["D"])
+    return G, D
+
+
+def observe(module, monkeypatch, *observers):
+    """Add functions f(run, stats) to the script's Run.observers for this test: each is called at
+    the end of every step's run.log(**stats), with run.step that step and run.nets its models."""
+    monkeypatch.setattr(module.Run, "observers", [*module.Run.observers, *observers])
+
+
+def record_steps(module, monkeypatch):
+    """The numbers that each training step logs, one {name: float} per step, in order."""
+    steps = []
+    observe(module, monkeypatch,
+            lambda run, stats: steps.append({k: v.item() for k, v in stats.items()}))
+    return steps
+
+
 def make_image(path, rng, size):
     """A random picture: a coloured background with a bright rectangle, so images differ."""
     w, h = size

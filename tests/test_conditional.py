@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from common import CONDITIONAL_SCRIPTS, IMG, TINY, error_of, load, load_script, make_folder, run
+from common import (CONDITIONAL_SCRIPTS, IMG, TINY, error_of, load, load_script, make_folder,
+                    models_from, record_steps, run)
 
 SCRIPTS = sorted(CONDITIONAL_SCRIPTS)
 PAD = 2                                              # torchvision's make_grid padding
@@ -21,15 +22,6 @@ def classes_folder(tmp_path, names, n=2):
 def grid_rows_cols(path, size=IMG):
     w, h = Image.open(path).size
     return (h - PAD) // (size + PAD), (w - PAD) // (size + PAD)
-
-
-def trained_G(script, ckpt):
-    module = load_script(script)
-    args = module.parse_args([])
-    vars(args).update(ckpt["args"])                  # the model's shape comes from the checkpoint
-    G = module.build_models(args)[0]
-    G.load_state_dict(ckpt["G"])
-    return G.eval()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -83,15 +75,20 @@ def test_real_batches_keep_image_and_label_together():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
     """Training labels (real and fake), the grid's labels and --generate's labels all lie in
-    range(n_classes), and the fake labels cover that range."""
+    range(n_classes), and the fake labels of training (not only the grid's) cover that range."""
     module = load_script(script)
-    seen = {"G": [], "D": []}
+    seen = {"G": [], "D": [], "trained": []}
     build = module.build_models
+
+    def trained(G, inputs):                          # training's G(z, labels), not the grid's
+        if G.training:
+            seen["trained"].append(inputs[1].detach().clone())
 
     def recording_build(args):
         G, D = build(args)
         # G(z, labels)
         G.register_forward_pre_hook(lambda m, inp: seen["G"].append(inp[1].detach().clone()))
+        G.register_forward_pre_hook(trained)
         if hasattr(D, "label_map"):                  # cgan's D reads the label too
             D.label_map.register_forward_pre_hook(
                 lambda m, inp: seen["D"].append(inp[0].detach().clone()))
@@ -106,6 +103,7 @@ def test_every_label_lies_in_range(script, tmp_path, monkeypatch):
     g = torch.cat(seen["G"])
     assert g.dtype == torch.long and g.min() >= 0 and g.max() <= 2
     assert set(g.tolist()) == {0, 1, 2}
+    assert len(seen["trained"]) == 6 and set(torch.cat(seen["trained"]).tolist()) == {0, 1, 2}
     if seen["D"]:
         d = torch.cat(seen["D"])
         assert d.min() >= 0 and d.max() <= 2 and set(d.tolist()) == {0, 1, 2}
@@ -120,7 +118,7 @@ def test_the_label_changes_G_for_a_fixed_z(script, tmp_path):
     run(script, "--data", data, "--steps", 3, "--out", "out", "--device", "cpu")
     ckpt = load(tmp_path / "out" / "last.pt")
     # float64: rounding noise ~1e-15, far below any real effect
-    G = trained_G(script, ckpt).double()
+    G = models_from(ckpt)[0].eval().double()
     z = torch.randn(1, ckpt["args"]["latent_dim"], generator=torch.Generator().manual_seed(1),
                     dtype=torch.float64)
     with torch.no_grad():
@@ -182,7 +180,7 @@ def test_acgan_logs_its_class_accuracies(tmp_path, monkeypatch):
     """acc_real is D's class accuracy on the real batch, acc_fake on G's images for the asked
     labels: recomputed here from D's class logits and the labels the step used, step by step."""
     module = load_script("acgan.py")
-    seen = {"logits": [], "asked": [], "real": [], "logged": []}
+    seen = {"logits": [], "asked": [], "real": [], "logged": record_steps(module, monkeypatch)}
     build, real_batch = module.build_models, module.Run.real_batch
 
     def recording_build(args):
@@ -196,12 +194,8 @@ def test_acgan_logs_its_class_accuracies(tmp_path, monkeypatch):
         seen["real"].append(y.clone())
         return x, y
 
-    def recording_log(run, stats):
-        seen["logged"].append({k: v.item() for k, v in stats.items()})
-
     monkeypatch.setattr(module, "build_models", recording_build)
     monkeypatch.setattr(module.Run, "real_batch", recording_real_batch)
-    monkeypatch.setattr(module.Run, "observers", [recording_log])
     data = classes_folder(tmp_path, ["a", "b", "c"])
     run("acgan.py", "--data", data, "--steps", 3, "--out", "out", "--device", "cpu",
         "--sample-every", 100)

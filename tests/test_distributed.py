@@ -137,7 +137,7 @@ def test_ema_is_the_closed_form_average_and_resumes(tmp_path, monkeypatch):
     module = common.load_script("dcgan.py")
     seen = []
 
-    def recording(run, stats):                    # observers come after the step's G update
+    def recording(run, stats):                    # log() comes after the step's G update
         seen.append({k: v.detach().clone() for k, v in run.nets["G"].state_dict().items()})
 
     real_start = module.Run.start
@@ -146,15 +146,13 @@ def test_ema_is_the_closed_form_average_and_resumes(tmp_path, monkeypatch):
         seen.append({k: v.detach().clone() for k, v in G.state_dict().items()})   # w_0
         return real_start(self, G, *a, **k)
 
-    monkeypatch.setattr(module.Run, "observers", [recording])
+    common.observe(module, monkeypatch, recording)
     monkeypatch.setattr(module.Run, "start", start)
     data = data_for("dcgan.py", tmp_path)
     d, k = 0.9, 5
     run("dcgan.py", "--data", data, "--device", "cpu", "--steps", k, "--ema", d, "--out", "ema")
     ckpt = load(tmp_path / "ema" / "last.pt")
-    args = module.parse_args([])
-    vars(args).update(ckpt["args"])
-    G = module.build_models(args)[0]
+    G = common.models_from(ckpt)[0]
     params = {name for name, _ in G.named_parameters()}
     for name, value in ckpt["G_ema"].items():
         if name in params:

@@ -2,7 +2,8 @@
 (fires on a run built to fail, once per episode, silent on a healthy one), --stop-on-collapse."""
 import pytest
 
-from common import data_for, error_of, load, load_script, make_folder, run, tensors_equal
+from common import (data_for, error_of, load, load_script, make_folder, models_from, observe, run,
+                    tensors_equal)
 
 S = "dcgan.py"
 
@@ -53,9 +54,8 @@ def test_the_warning_is_said_once_per_episode(data, monkeypatch, capsys):
     lines 7-14, healthy 15, failing 16-22 (one episode: it ends after 20 healthy lines in a row),
     healthy 23-42, failing 43-60: two warnings, each after five failing lines in a row."""
     module = load_script(S)
-    healthy = {15, *range(23, 43)}
-    now = {}                                               # the step that failing() judges
-    monkeypatch.setattr(module.Run, "observers", [lambda run, stats: now.update(step=run.step)])
+    healthy, now = {15, *range(23, 43)}, {}
+    observe(module, monkeypatch, lambda run, stats: now.update(step=run.step))  # the line's step
     monkeypatch.setattr(module, "failing", lambda m, args: None if now["step"] in healthy else "x")
     run(S, "--data", data, "--device", "cpu", "--out", "out", "--steps", 60, "--log-every", 1)
     said = warnings_in(capsys.readouterr().err)
@@ -98,18 +98,13 @@ def test_bad_keep_every(data):
 def resumed_exactly(script, tmp_path, flag):
     """Four steps with `flag` straight, and two plus two with a --resume between: the two
     checkpoints must be equal. Returns the checkpoint and the models rebuilt from its flags."""
-    module = load_script(script)
     flags = ["--data", data_for(script, tmp_path), "--device", "cpu", flag, "--log-every", 2]
     run(script, *flags, "--steps", 4, "--out", "straight")
     run(script, *flags, "--steps", 2, "--out", "split")
     run(script, "--steps", 4, "--out", "split", "--resume")
     a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "split" / "last.pt")
     assert tensors_equal(a, b) == []
-    args = module.parse_args([])
-    vars(args).update(a["args"])
-    G, D = module.build_models(args)
-    D.load_state_dict(a["D"])
-    return a, G, D
+    return (a, *models_from(a))
 
 
 @pytest.mark.parametrize("script", ["vanilla_gan.py", "dcgan.py", "cgan.py", "acgan.py",

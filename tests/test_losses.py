@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import REPO, TINY, load, load_script, make_folder, run
+from common import REPO, TINY, load, load_script, make_folder, models_from, record_steps, run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,7 +37,8 @@ def load_without_kernels(script, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- WGAN
-def test_wgan_critic_weights_are_clipped_after_every_critic_step(data, tmp_path, monkeypatch):
+def counted_clips(monkeypatch):
+    """wgan.py's clip_weights_, still clipping, recording the bound of each call."""
     module = load_script("wgan.py")
     calls = []
     real_clip = module.clip_weights_
@@ -47,34 +48,35 @@ def test_wgan_critic_weights_are_clipped_after_every_critic_step(data, tmp_path,
         real_clip(params, c)
 
     monkeypatch.setattr(module, "clip_weights_", counting_clip)
+    return calls
+
+
+def test_wgan_critic_weights_are_clipped_after_every_critic_step(data, tmp_path, monkeypatch):
+    calls = counted_clips(monkeypatch)
     # below most of the N(0, 0.02) initial weights
     c = 0.005
     run("wgan.py", "--data", data, "--steps", 3, "--clip", c, "--out", "out", "--device", "cpu")
     # once at the start, then after each of 3 x 2 critic steps
     assert calls == [c] * (1 + 3 * 2)
 
-    ckpt = load(tmp_path / "out" / "last.pt")
-    D = module.build_models(tiny_args(module, "wgan.py"))[1]
-    D.load_state_dict(ckpt["D"])
+    G, D = models_from(load(tmp_path / "out" / "last.pt"))
     params = torch.cat([p.detach().flatten() for p in D.parameters()])
     # every critic parameter within [-c, c] ...
     assert params.abs().max() <= c
     # ... and the bound is active, not trivially met
     assert (params.abs() == c).float().mean() > 0.1
-    G = module.build_models(tiny_args(module, "wgan.py"))[0]
-    G.load_state_dict(ckpt["G"])
     assert max(p.abs().max() for p in G.parameters()) > c    # G is never clipped
 
 
 def test_wgan_warmup_clips_too(data, tmp_path, monkeypatch):
-    """With the paper's warm-up (100 critic steps at the first generator step) the weights end
-    clipped."""
-    module = load_script("wgan.py")
+    """With the paper's warm-up (100 critic steps at the first generator step, critic_iters) the
+    weights are clipped after each of them, and end clipped."""
+    calls = counted_clips(monkeypatch)
     c = 0.005
     run("wgan.py", "--data", data, "--steps", 1, "--clip", c, "--critic-warmup", "--out", "out",
         "--device", "cpu")
-    D = module.build_models(tiny_args(module, "wgan.py"))[1]
-    D.load_state_dict(load(tmp_path / "out" / "last.pt")["D"])
+    assert calls == [c] * (1 + 100)                          # at the start, then 100 critic steps
+    D = models_from(load(tmp_path / "out" / "last.pt"))[1]
     assert all(p.abs().max() <= c for p in D.parameters())
 
 
@@ -265,20 +267,12 @@ class ConstantD(nn.Module):
         return self.beta + 0 * x.flatten(1).sum(1)
 
 
-def record_stats(module, monkeypatch):
-    """Collect the numbers each step logs (Run.observers), still logging as usual."""
-    logged = []
-    monkeypatch.setattr(module.Run, "observers", [
-        lambda run, stats: logged.append({k: v.item() for k, v in stats.items()})])
-    return logged
-
-
 @pytest.mark.parametrize("targets", [(0.0, 1.0, 1.0), (-1.0, 1.0, 0.0)], ids=["0-1-1", "-1-1-0"])
 def test_lsgan_losses_are_least_squares(targets, data, monkeypatch):
     module = load_script("lsgan.py")
     real_build = module.build_models
     monkeypatch.setattr(module, "build_models", lambda args: (real_build(args)[0], ConstantD(0.3)))
-    logged = record_stats(module, monkeypatch)
+    logged = record_steps(module, monkeypatch)
     run("lsgan.py", "--data", data, "--steps", 1, "--targets", *targets, "--out", "out",
         "--device", "cpu")
     loss_D, loss_G, d_real, d_fake = logged[0].values()
@@ -325,7 +319,7 @@ def test_ebgan_margin_hinge(data, monkeypatch):
     """A margin far above any energy: L_D = E[D(x)] + m - E[D(G(z))] exactly (every fake inside the
     hinge)."""
     module = load_script("ebgan.py")
-    logged = record_stats(module, monkeypatch)
+    logged = record_steps(module, monkeypatch)
     run("ebgan.py", "--data", data, "--steps", 1, "--margin", 100, "--out", "out",
         "--device", "cpu")
     step = logged[0]

@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from common import (CONDITIONAL_SCRIPTS, IMG, REPO, SCRIPTS, TINY, data_for, load, load_script,
+from common import (CONDITIONAL_SCRIPTS, IMG, REPO, SCRIPTS, TINY, data_for, load, models_from,
                     run, tensors_equal)
 
 
@@ -43,12 +43,8 @@ def test_training_writes_every_output(script, tmp_path):
     for key in ["script", "step", "args", "G", "D", "opt_G", "opt_D", "fixed_noise", "rng"]:
         assert key in ckpt, key
     assert ckpt["script"] == script and ckpt["step"] == 6
-    # the checkpoint's G loads into a generator built from its flags, as a notebook user does it
-    module = load_script(script)
-    args = module.parse_args([])
-    vars(args).update({k: v for k, v in ckpt["args"].items()})
-    G = module.build_models(args)[0]
-    G.load_state_dict(ckpt["G"])
+    # the checkpoint's G and D load into models built from its flags, as a notebook user does it
+    models_from(ckpt)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
