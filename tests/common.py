@@ -1,7 +1,9 @@
 """Helpers for the tests: tiny image folders made on the spot, and running a script in this process
 (fast: torch is imported once) or as a subprocess (to see exactly what a user sees)."""
+import gzip
 import importlib.util
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +143,10 @@ def tensors_equal(a, b, path="ckpt"):
         pairs = enumerate(zip(a, b))
         return [d for i, (x, y) in pairs for d in tensors_equal(x, y, f"{path}[{i}]")]
     return []                                        # plain values (args, step): the tests compare
+
+
+def write_idx(path, array, magic=b"\0\0\x08"):
+    """An MNIST-style IDX file (gzipped if the name ends in .gz)."""
+    header = magic + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())

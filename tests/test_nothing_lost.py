@@ -14,8 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import error_of, load, load_script, make_folder, run, tensors_equal
-from test_plumbing import write_idx
+from common import error_of, load, load_script, make_folder, run, tensors_equal, write_idx
 
 S = "dcgan.py"
 

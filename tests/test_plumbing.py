@@ -6,7 +6,6 @@ import errno
 import gzip
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from common import (REPO, data_for, error_of, load, load_script, make_folder, run,
-                    run_subprocess, tensors_equal)
+                    run_subprocess, tensors_equal, write_idx)
 
 S = "dcgan.py"
 
@@ -386,12 +385,6 @@ def test_amp_and_compile_fall_back_on_cpu(data, capsys):
 
 
 # %% MNIST files
-def write_idx(path, array, magic=b"\0\0\x08"):
-    header = magic + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "raw"])
 def test_idx_files_are_read_where_they_lie(tmp_path, gz):
     """Fashion-MNIST in a folder that holds only its files (as ../shared/data or a Kaggle input)."""
