@@ -921,10 +921,9 @@ class CudaGraphs:
 
 # %% The loop: the steps, and after each one the EMA, the log, grids, checkpoints, the stop
 class Run:
-    """What train() needs besides the paper: the device, --out, the data, --resume, the fixed noise
-    of the sample grids, then the loop (run.loop(step)). Built in one step; close() ends it.
-    Run.observers: functions f(run, stats) called after every step (run.step: its number) with the
-    step's numbers, e.g. to plot them in a notebook."""
+    """What train() needs besides the paper: the device, --out, the data, --resume, the grids' fixed
+    noise, then the loop (run.loop(step)). Built in one step; close() ends it. Run.observers:
+    functions f(run, stats) called after every step (run.step) with its numbers (to plot them)."""
     observers = []
 
     def __init__(self, args):
@@ -1050,15 +1049,16 @@ class Run:
         if stop:                                            # 3: failing training; a signal
             print(f"stopped at step {step}; " + (f"training is failing; snapshots: "
                   f"{self.folder.path}/step_*.pt" if stop == 3 else
-                  f"continue with: {self.continue_command()}"))
+                  f"continue with: {continue_command(self)}"))
             raise SystemExit(stop)
 
-    def continue_command(self):
-        """The checkpoint holds every flag: its folder and --resume (and --device, if given)."""
-        flags = ["--out", str(self.folder.path), *["--device", self.args.device] * (
-            "device" in self.args.given), "--resume"]
-        run = f"torchrun --nproc_per_node={self.world}" if self.world > 1 else "python"
-        return f"main({flags})" if NOTEBOOK else f"{run} {shlex.join([SCRIPT, *flags])}"
+
+def continue_command(run):
+    """The checkpoint holds every flag: its folder and --resume (and --device, if given)."""
+    flags = ["--out", str(run.folder.path), *["--device", run.args.device] * (
+        "device" in run.args.given), "--resume"]
+    launch = f"torchrun --nproc_per_node={run.world}" if run.world > 1 else "python"
+    return f"main({flags})" if NOTEBOOK else f"{launch} {shlex.join([SCRIPT, *flags])}"
 
 
 if __name__ == "__main__":

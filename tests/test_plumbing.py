@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -172,8 +174,9 @@ def test_ctrl_c_prints_the_command_that_continues(tmp_path, data, monkeypatch, c
     assert ckpt["step"] == 6 and ckpt["args"]["batch_size"] == 4
     # the notebook form
     monkeypatch.setattr(module, "NOTEBOOK", True)
-    args = module.parse_args(["--data", str(data), "--out", "x y", "--steps", "9"])
-    assert module.Run(args).continue_command() == "main(['--out', 'x y', '--resume'])"
+    run_ = SimpleNamespace(folder=SimpleNamespace(path=Path("x y")), world=1,
+                           args=module.parse_args(["--data", str(data), "--steps", "9"]))
+    assert module.continue_command(run_) == "main(['--out', 'x y', '--resume'])"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
