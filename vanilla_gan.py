@@ -647,14 +647,15 @@ def save_grid(images, path):
 
 
 def without_batchnorm(net):
-    """Every BatchNorm of net replaced by nothing, and the layer before it (DCGAN's convolutions,
-    built with bias=False next to BatchNorm) given the bias that BatchNorm's shift was."""
+    """Every BatchNorm of net replaced by nothing, and every convolution and linear layer given the
+    bias that DCGAN leaves out next to BatchNorm's shift (zero at first), as SN-GAN's networks."""
     for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
         for i, layer in enumerate(seq):
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                seq[i], before = nn.Identity(), seq[i - 1]
-                if before.bias is None:
-                    before.bias = nn.Parameter(torch.zeros_like(layer.bias))
+            seq[i] = nn.Identity() if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer
+    for layer in net.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and layer.bias is None:
+            out = getattr(layer, "out_channels", None) or layer.out_features
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
     return net
 
 

@@ -2,8 +2,8 @@
 (fires on a run built to fail, once per episode, silent on a healthy one), --stop-on-collapse."""
 import pytest
 
-from common import (data_for, error_of, load, load_script, make_folder, models_from, observe, run,
-                    tensors_equal)
+from common import (TINY, data_for, error_of, load, load_script, make_folder, models_from, observe,
+                    run, tensors_equal)
 
 S = "dcgan.py"
 
@@ -128,3 +128,31 @@ def test_ebgan_without_batchnorm_in_D_resumes_exactly(tmp_path):
     batchnorm = load_script("ebgan.py").nn.modules.batchnorm._BatchNorm
     assert not any(isinstance(m, batchnorm) for m in D.modules())
     assert any(isinstance(m, batchnorm) for m in G.modules())
+
+
+@pytest.mark.parametrize("script, flag", [("dcgan.py", "--spectral-norm"),
+                                          ("cgan.py", "--spectral-norm"),
+                                          ("acgan.py", "--spectral-norm"),
+                                          ("lsgan.py", "--spectral-norm"),
+                                          ("ebgan.py", "--no-d-batchnorm")])
+def test_a_D_without_batchnorm_gets_its_biases_back(script, flag):
+    """DCGAN's convolutions next to BatchNorm have no bias (BatchNorm's shift is one); a D whose
+    BatchNorm is taken out gets a bias, zero at first, in each layer that lost it. G keeps its
+    own."""
+    module = load_script(script)
+    nn = module.nn
+
+    def models(*flags):
+        args = module.parse_args([*TINY[script], "--channels", "1", *flags])
+        args.n_classes = 3
+        return module.build_models(args)
+
+    weighted = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+    _, recipe = models()
+    assert any(m.bias is None for m in recipe.modules() if isinstance(m, weighted))
+    G, D = models(flag)
+    assert all(m.bias is not None for m in D.modules() if isinstance(m, weighted))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
+    added = [m.bias for m in D.modules() if isinstance(m, weighted) and m.bias is not None]
+    assert any(b.abs().sum() == 0 for b in added)                  # the new ones start at zero
+    assert any(m.bias is None for m in G.modules() if isinstance(m, weighted))  # G: untouched
