@@ -314,9 +314,10 @@ def parse(p, argv):
     tag = "" if args.data == "mnist" else "-" + "".join(c if c.isalnum() or c in "._-" else "_"
                                                         for c in name)
     source = args.resume or args.ckpt                       # a checkpoint's folder, else by data
-    args.out = args.out or str(expand(source).parent if source else f"runs/{SCRIPT[:-3]}{tag}")
+    source = source and expand(source) / ("last.pt" if expand(source).is_dir() else "")
+    args.out = args.out or str(source.parent if source else f"runs/{SCRIPT[:-3]}{tag}")
     if args.resume is not None or args.generate is not None:  # the flags not given: its own
-        path = expand(source or Path(args.out) / "last.pt")
+        path = source or expand(args.out) / "last.pt"
         args.checkpoint = path, load_checkpoint(path, args)
     for a in p._actions:                                    # the values, given or a checkpoint's
         v = getattr(args, a.dest, None)
@@ -503,7 +504,10 @@ def load_folder(args, device=None):
 def decode_folder(root, files, size, channels):
     """The files decoded (in threads), or read from the cache outside the folder (it may be
     read-only): one per folder and size, holding the files' names, sizes and times."""
-    key = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    try:
+        key = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    except OSError as e:                                    # a file went while the folder was read
+        fail(f"{root} changed while it was read ({why(e)}); run again")
     name = f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npz"
     cache = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts") / name
     images, keep = read_cache(cache, key)
@@ -583,13 +587,15 @@ def load_checkpoint(path, args):
         fail(f"{path} is not a checkpoint that can be loaded safely ({why(e)})")
     check(isinstance(ckpt, dict) and "script" in ckpt, f"{path} is not a checkpoint of this repo")
     check(ckpt["script"] == SCRIPT, f"{path} was written by {ckpt['script']}, not by {SCRIPT}")
-    lost = [k for k in CKPT_KEYS if k not in ckpt] or [k for k, t in (("args", dict), ("step", int))
-                                                      if not isinstance(ckpt[k], t)]
+    lost = [k for k in CKPT_KEYS if k not in ckpt] or [k for k, ok in (
+        ("args", isinstance(ckpt["args"], dict)), ("step", type(ckpt["step"]) is int
+                                                  and ckpt["step"] >= 0)) if not ok]
     check(not lost, f"{path} is not a whole checkpoint (edited by hand?): {', '.join(lost)}")
     for k, v in ckpt["args"].items():
         if k not in args.given and k not in OWN_FLAGS:
-            was = getattr(args, k, None)
-            check(was is None or isinstance(v, (type(was), list)),
+            was = getattr(args, k, None)                    # a flag's values: of its type, length
+            check(was is None or type(v) is type(was) or isinstance(was, tuple)
+                  and isinstance(v, list) and len(v) == len(was),
                   f"{path}: its --{k.replace('_', '-')} is {v!r}")
             setattr(args, k, tuple(v) if isinstance(v, list) else v)
     return ckpt
@@ -599,7 +605,8 @@ def load_state(obj, state, name):
     try:
         obj.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"the checkpoint's {name} does not fit this model ({why(e)})")
+        fail(f"the checkpoint's {name} does not fit this model ({why(e)}); a flag that shapes it "
+             f"(--spectral-norm, a width) given otherwise?")
 
 
 def save_checkpoint(run, *paths):
@@ -649,11 +656,19 @@ def restore_checkpoint(run, ckpt):
         load_state(obj, ckpt.get(name, ckpt["G"]), name)    # (G_ema: G's, if not saved)
         for group, flag in zip(getattr(obj, "param_groups", []), flags):
             group.update(flag)
-    run.fixed = tuple(t.to(run.device) for t in (ckpt["fixed_noise"],
-                                                 ckpt.get("fixed_labels"))[:len(run.fixed)])
+    fixed = tuple(t.to(run.device) for t in (ckpt["fixed_noise"],
+                                             ckpt.get("fixed_labels"))[:len(run.fixed)])
+    check([t.shape for t in fixed] == [t.shape for t in run.fixed], "its fixed noise has the "
+          "wrong shape")
+    for opt in (run.nets["opt_G"], run.nets["opt_D"]):  # moments of the parameters' own shapes
+        check(all(t.shape == p.shape for g in opt.param_groups for p in g["params"]
+                  for t in opt.state.get(p, {}).values() if t.dim()), "an optimizer's state does "
+              "not fit its parameters")
+    run.fixed = fixed
     streams = ckpt["rng"].get("ranks", [ckpt["rng"]])      # a stream per process
+    launch = f"torchrun --nproc_per_node={len(streams)}" if len(streams) > 1 else "python"
     check(len(streams) == run.world, f"the checkpoint was written by {len(streams)} processes; "
-          f"resume it with as many (torchrun --nproc_per_node={len(streams)})")
+          f"resume it with as many ({launch})")
     torch.set_rng_state(streams[run.rank]["cpu"].cpu())
     if run.cuda and streams[run.rank]["cuda"]:
         torch.cuda.set_rng_state_all([s.cpu() for s in streams[run.rank]["cuda"]])
@@ -667,6 +682,8 @@ def generate(args):
     <label>_<index>.png, the labels cycling through the classes, or all --label)."""
     device, out, (_, ckpt) = pick_device(args.device), expand(args.out), args.checkpoint
     torch.manual_seed(args.seed)
+    check(not any(out.glob("*000000.png")), f"{out} holds generated images already; give another "
+                                            f"--out")
     make_dir(out)
     G = build_models(args)[0].to(device).eval()
     load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")       # --ema's average of G, when saved
@@ -723,39 +740,51 @@ class Folder:
     run: another may write there only to continue its last.pt. Under torchrun rank 0 alone writes.
     """
 
-    def __init__(self, path, writer):
+    def __init__(self, path):
         self.path, self.lock, self.made = path, None, []
-        if writer:
-            self.made = make_dir(path)                      # the folders made: for close()
-            self.lock = open(path / ".lock", "a")
-            with suppress(ImportError):
-                import fcntl
-                try:
-                    fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    fail(f"another run is writing to {path}; wait for it to end, or give another "
-                         f"--out")
-            for tmp in path.glob(".*.tmp"):                 # no one else writes here: a killed
-                tmp.unlink(missing_ok=True)                 # save's temporary file
 
-    def admit(self, resumed, step):
-        """Whether this run may write here: a fresh one if the folder holds no run, a resumed one
-        (--resume's checkpoint `resumed`, at `step`) if it holds none or if that is its last.pt."""
-        last = self.path / "last.pt"
-        held = last.exists() or any(self.path.glob("step_*.pt"))
-        check(not held or resumed, f"{self.path} holds a run already: add --resume to continue "
-                                   f"it, or give another --out")
-        check(not held or not resumed or resumed.resolve() == last.resolve(), f"{self.path} holds "
-              f"another run; continuing {resumed} there would replace its checkpoints: give a "
-              f"new folder, e.g. --out {self.path}-from-{step}")
+    def claim(self, data, resumed, step):
+        """Create and lock the folder, and say whether this run may write there: a fresh one if it
+        holds no run, a resumed one (--resume's checkpoint `resumed`, at `step`) if it holds none
+        or if that is its last.pt. Never the folder of --data's images, nor one around it."""
+        out, images = self.path.resolve(), data and expand(data).resolve()
+        check(not images or not images.is_relative_to(out) and not (
+            out.is_relative_to(images) and out.is_dir() and not (out / ".lock").exists() and any(
+                f.suffix.lower() in IMAGE_EXTS for f in out.rglob("*"))),
+              f"--out {self.path} is, holds or is among the images of --data; give another --out")
+        self.made = make_dir(self.path)                     # the folders made: for close()
+        self.lock = open(self.path / ".lock", "a")
+        with suppress(ImportError):
+            import fcntl
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fail(f"another run is writing to {self.path}; wait for it to end, or give another "
+                     f"--out")
+        for tmp in self.path.glob(".*.tmp"):                # no one else writes here: a killed
+            tmp.unlink(missing_ok=True)                     # save's temporary file
+        last, snaps = self.path / "last.pt", sorted(self.path.glob("step_*.pt"))
+        check(resumed or not last.exists(), f"{self.path} holds a run already: add --resume to "
+                                            f"continue it, or give another --out")
+        check(resumed or not snaps, f"{self.path} holds a run's snapshots: continue the last with "
+                                    f"--resume {snaps and snaps[-1]} --out NEW, or another --out")
+        check(not (last.exists() or snaps) or not resumed or resumed.resolve() == last.resolve(),
+              f"{self.path} holds another run; continuing {resumed} there would replace its "
+              f"checkpoints: give a new folder, e.g. --out {self.path}-from-{step}")
 
     def picture(self, images, name):
         self.write(name, save_grid, images, self.path / name)
 
     def write_log(self, header, rows):
-        def log_files():
-            with open(self.path / "log.csv", "w", newline="") as f:
-                csv.writer(f).writerows([header, *rows])
+        tmp = self.path / ".log.csv.tmp"
+
+        def log_files():                                    # atomically: a full disk keeps it
+            try:
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows([header, *rows])
+                os.replace(tmp, self.path / "log.csv")
+            finally:
+                tmp.unlink(missing_ok=True)
             plot(rows, header, self.path / "loss.png")
         self.write("log.csv", log_files)
 
@@ -978,28 +1007,47 @@ class Run:
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.cuda else "gloo")
-            sys.stdout = open(os.devnull, "w") if self.rank else sys.stdout  # rank 0 prints
-        self.folder = Folder(expand(args.out), writer=self.rank == 0)  # first: before slow work
-        self.folder.admit(self.last_good, self.ckpt and self.ckpt["step"])
-        check(not self.ckpt or self.ckpt["step"] < args.steps,
-              f"the checkpoint is at step {self.ckpt and self.ckpt['step']}; pass a larger --steps")
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.handlers[sig] = signal.signal(sig, self.on_signal)
+            if self.rank:                                   # rank 0 alone prints
+                sys.stdout = sys.stderr = open(os.devnull, "w")
+        for name in ("SIGINT", "SIGTERM", "SIGHUP")[:3 if hasattr(signal, "SIGHUP") else 2]:
+            self.handlers[name] = signal.signal(getattr(signal, name), self.on_signal)
+        self.folder, step = Folder(expand(args.out)), self.ckpt and self.ckpt["step"]
+        data = None if args.data in DATASETS else args.data
+        self.agree(lambda: self.folder.claim(data, self.last_good, step))  # first: before slow work
+        check(not self.ckpt or step < args.steps, f"the checkpoint is at step {step}; pass a "
+                                                  f"larger --steps")
         torch.manual_seed(args.seed + self.rank)            # each process its own random stream
         self.data = load_data(args, self.device)
         ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
         check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
                               f"; this data has {', '.join(ours or [])}")
 
+    def agree(self, decide):
+        """decide() on rank 0; under torchrun every process stops with its refusal."""
+        refusal = None
+        if self.rank == 0:
+            try:
+                decide()
+            except SystemExit as e:
+                refusal = e.code
+        if self.world > 1:
+            shared = [refusal]
+            dist.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal:
+            raise SystemExit(refusal)
+
     def close(self):
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
+        for name, handler in self.handlers.items():
+            signal.signal(getattr(signal, name), handler)
         if self.folder:
             self.folder.close()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
     def on_signal(self, signum, frame):
+        if signum == getattr(signal, "SIGHUP", None):       # the terminal is gone: print nowhere
+            sys.stdout = sys.stderr = open(os.devnull, "w")
         if self.stop or not self.training:                  # before the loop, or a second time
             raise SystemExit(128 + signum)
         self.stop = 128 + signum                            # the shell's status: 130 Ctrl-C, 143

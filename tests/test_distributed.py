@@ -169,3 +169,26 @@ def test_ema_is_the_closed_form_average_and_resumes(tmp_path, monkeypatch):
     run("dcgan.py", "--steps", 8, "--out", "b", "--resume")
     assert tensors_equal(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt")) == []
     G.load_state_dict(load(tmp_path / "a" / "last.pt")["G_ema"])    # it loads into a Generator
+
+
+def test_a_refusal_stops_every_process_in_one_line(tmp_path):
+    """(round two, found by probing) Under torchrun rank 0 alone locks --out and decides whether
+    the run may write there, then every process stops with it: the refusal once, not once per
+    rank, and no rank goes on to read the data and die in DistributedDataParallel."""
+    data = make_folder(tmp_path / "images", n=12)
+    run("dcgan.py", "--data", data, "--steps", 1, "--out", "held", "--device", "cpu")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time; os.makedirs('busy', exist_ok=True); f = open('busy/.lock', 'a');"
+        " fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)")],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        for out, said in (("held", "holds a run already"), ("busy", "another run is writing")):
+            p = launch(tmp_path, "dcgan.py", *TINY, "--data", data, "--steps", 2, "--out", out)
+            assert p.returncode != 0 and p.stderr.count(said) == 1, p.stderr[-3000:]
+            assert "data: " not in p.stdout                   # refused before reading the data
+            assert "[rank1]" not in p.stderr and "RuntimeError" not in p.stderr  # (only torch's
+            # own launcher traceback, ChildFailedError, follows the line)
+    finally:
+        holder.kill()
+        holder.wait()

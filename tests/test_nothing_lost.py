@@ -4,6 +4,7 @@ on --out before anything slow, and every odd input or fault of the round-two pro
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common import error_of, load, load_script, make_folder, run, tensors_equal, write_idx
+from common import (REPO, TINY, error_of, load, load_script, make_folder, run, tensors_equal,
+                    write_idx)
 
 S = "dcgan.py"
 
@@ -320,3 +322,102 @@ def test_a_decompression_bomb_is_one_skipped_image(tmp_path, capsys):
     assert [w for w in said if issubclass(w.category, Image.DecompressionBombWarning)] == []
     err = capsys.readouterr().err
     assert "skipped 1 of 9 images" in err and "huge.png" in err and err.count("\n") == 1, err
+
+
+# %% Found by probing the round-two code (a user's kinds of input not in the issue)
+def test_out_never_the_data_folder(tmp_path):
+    """--out equal to --data, above it, or a class subfolder holding images: the lock made the
+    images a run's outputs ("no images"), and cgan.py trained without that class. Now refused,
+    before anything is written into the data."""
+    data = make_folder(tmp_path / "photos", n=6)
+    for out in (data, tmp_path):
+        assert "is, holds or is among the images of --data" in error_of(
+            S, "--data", data, "--out", out, "--steps", 1)
+    classes = make_folder(tmp_path / "pets", n=3, classes=["a", "b", "c"])
+    assert "is, holds or is among" in error_of("cgan.py", "--data", classes, "--out",
+                                               classes / "a", "--steps", 1)
+    assert not list(tmp_path.rglob(".lock"))
+    train("--data", data, "--steps", 1, "--out", data / "run")     # a new folder inside: fine
+    train("--data", data, "--steps", 2, "--out", data / "run", "--resume")
+    assert load(data / "run" / "last.pt")["step"] == 2
+
+
+def test_snapshots_without_last_pt_name_a_fix_that_works(x):
+    (x / "last.pt").unlink()
+    msg = error_of(S, "--data", "mnist-mini", "--out", x)
+    assert f"--resume {x}/step_000010.pt --out NEW" in msg
+
+
+def test_a_directory_as_the_checkpoint_means_its_last_pt(x, tmp_path):
+    train("--resume", x, "--steps", 11)                             # --resume runs/x
+    assert load(x / "last.pt")["step"] == 11
+    train("--generate", 2, "--ckpt", x, "--out", "gen")
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 2
+
+
+def test_generate_never_replaces_generated_images(x, tmp_path):
+    train("--generate", 2, "--ckpt", x / "last.pt", "--out", "gen")
+    before = files(tmp_path / "gen")
+    msg = error_of(S, "--generate", 2, "--ckpt", x / "step_000004.pt", "--out", "gen")
+    assert "holds generated images already" in msg and files(tmp_path / "gen") == before
+
+
+def test_a_full_disk_keeps_the_whole_log(x, monkeypatch):
+    """log.csv was rewritten in place: a full disk cut it mid-row, and the earlier run's last
+    rows were lost. Now it is written to a temporary file and renamed, like a checkpoint."""
+    module = load_script(S)
+    before = (x / "log.csv").read_text()
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def writerows(self, rows):
+            self.f.write("1,2,")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.csv, "writer", FullDisk)
+    train("--resume", x / "last.pt", "--steps", 12, "--log-every", 1)   # warned, trained on
+    assert (x / "log.csv").read_text() == before and not list(x.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda c: c.update(step=-5), "not a whole checkpoint (edited by hand?): step"),
+    (lambda c: c.update(step=True), "not a whole checkpoint (edited by hand?): step"),
+    (lambda c: c["args"].update(betas=[0.5]), "its --betas is [0.5]"),
+    (lambda c: c["args"].update(lr=[0.1]), "its --lr is [0.1]"),
+    (lambda c: c.update(fixed_noise=torch.randn(64, 50)), "fixed noise has the wrong shape"),
+    (lambda c: c["opt_G"]["state"][0].update(exp_avg=c["opt_G"]["state"][0]["exp_avg"][:1]),
+     "an optimizer's state does not fit its parameters")], ids=str)
+def test_more_checkpoints_edited_by_hand(edit, said, x, tmp_path):
+    ckpt = load(x / "last.pt")
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    assert said in error_of(S, "--resume", tmp_path / "edited.pt", "--out", "new", "--steps", 20)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_file_that_goes_while_the_folder_is_read(tmp_path, monkeypatch):
+    module = load_script(S)
+    data, real = make_folder(tmp_path / "images", n=6), module.decode_folder
+
+    def one_vanishes(root, found, *a):
+        found[0].unlink()                              # between the listing and its stat()
+        return real(root, found, *a)
+
+    monkeypatch.setattr(module, "decode_folder", one_vanishes)
+    assert "changed while it was read" in error_of(S, "--data", data, "--steps", 1)
+
+
+def test_sighup_saves_like_sigterm(tmp_path):
+    """A closed terminal (SIGHUP) killed the run without a save: now it saves and stops, 129."""
+    data = make_folder(tmp_path / "images", n=6)
+    p = subprocess.Popen([sys.executable, str(REPO / S), *TINY[S], "--data", str(data), "--device",
+                          "cpu", "--steps", "100000", "--ckpt-every", "100000", "--log-every", "1",
+                          "--out", "hup"], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    while not (p.stdout.readline() or "[").startswith("["):     # training has begun
+        pass
+    p.send_signal(signal.SIGHUP)
+    assert p.wait(timeout=120) == 129
+    assert load(tmp_path / "hup" / "last.pt")["step"] >= 1
