@@ -1,5 +1,6 @@
 """Helpers for the tests: tiny image folders made on the spot, and running a script in this process
 (fast: torch is imported once) or as a subprocess (to see exactly what a user sees)."""
+import contextlib
 import gzip
 import importlib.util
 import os
@@ -150,3 +151,19 @@ def write_idx(path, array, magic=b"\0\0\x08"):
     header = magic + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+@contextlib.contextmanager
+def another_run_holds(folder, cwd):
+    """A process that holds the lock on `folder` (under cwd), as a run writing there does."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        f"import fcntl, os, time; os.makedirs({str(folder)!r}, exist_ok=True); "
+        f"f = open(os.path.join({str(folder)!r}, '.lock'), 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(300)")], cwd=cwd, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

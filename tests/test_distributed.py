@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from common import REPO, data_for, load, load_script, make_folder, run, tensors_equal
+from common import (REPO, another_run_holds, data_for, load, load_script, make_folder, run,
+                    tensors_equal)
 
 # A script run as torchrun runs it, with test hooks: which files each rank writes, and (provable)
 # the same data, noise and interpolation weights for "2 processes x B" as for "1 process x 2B":
@@ -177,18 +178,10 @@ def test_a_refusal_stops_every_process_in_one_line(tmp_path):
     rank, and no rank goes on to read the data and die in DistributedDataParallel."""
     data = make_folder(tmp_path / "images", n=12)
     run("dcgan.py", "--data", data, "--steps", 1, "--out", "held", "--device", "cpu")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time; os.makedirs('busy', exist_ok=True); f = open('busy/.lock', 'a');"
-        " fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)")],
-        cwd=tmp_path, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    try:
+    with another_run_holds("busy", tmp_path):
         for out, said in (("held", "holds a run already"), ("busy", "another run is writing")):
             p = launch(tmp_path, "dcgan.py", *TINY, "--data", data, "--steps", 2, "--out", out)
             assert p.returncode != 0 and p.stderr.count(said) == 1, p.stderr[-3000:]
             assert "data: " not in p.stdout                   # refused before reading the data
             assert "[rank1]" not in p.stderr and "RuntimeError" not in p.stderr  # (only torch's
             # own launcher traceback, ChildFailedError, follows the line)
-    finally:
-        holder.kill()
-        holder.wait()

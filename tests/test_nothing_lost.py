@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common import (REPO, TINY, error_of, load, load_script, make_folder, run, tensors_equal,
-                    write_idx)
+from common import (REPO, TINY, another_run_holds, error_of, load, load_script, make_folder, run,
+                    tensors_equal, write_idx)
 
 S = "dcgan.py"
 
@@ -95,16 +95,8 @@ def test_a_launch_while_another_reads_its_data(tmp_path, monkeypatch):
 def test_a_locked_folder_is_refused_before_the_data_is_read(tmp_path):
     """(3, and the re-cut issue) the refusal comes before decoding: no decode cache is written."""
     data = make_folder(tmp_path / "images", n=12)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time; os.makedirs('busy', exist_ok=True); f = open('busy/.lock', 'a');"
-        " fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")],
-        cwd=tmp_path, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    try:
+    with another_run_holds("busy", tmp_path):
         assert "another run is writing" in error_of(S, "--data", data, "--out", "busy")
-    finally:
-        holder.kill()
-        holder.wait()
     assert not (tmp_path / "cache").exists()
 
 

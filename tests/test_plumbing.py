@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common import (REPO, data_for, error_of, load, load_script, make_folder, run,
-                    run_subprocess, tensors_equal, write_idx)
+from common import (REPO, another_run_holds, data_for, error_of, load, load_script, make_folder,
+                    run, run_subprocess, tensors_equal, write_idx)
 
 S = "dcgan.py"
 
@@ -110,17 +110,9 @@ def test_a_second_run_never_overwrites_a_checkpoint(data):
 def test_two_runs_on_one_folder(tmp_path, data):
     """(issue 13) a second run on a folder that another run is writing is refused; the lock of a
     process that ended (also by kill -9) is gone."""
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time; os.makedirs('busy', exist_ok=True); "
-        "f = open('busy/.lock', 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); "
-        "time.sleep(60)")], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    try:
+    with another_run_holds("busy", tmp_path):
         msg = error_of(S, "--data", data, "--steps", 1, "--out", "busy")
         assert "another run is writing" in msg
-    finally:
-        holder.kill()
-        holder.wait()
     train("--data", data, "--steps", 1, "--out", "busy")    # the dead holder's lock is gone
     assert load("busy/last.pt")["step"] == 1
 
