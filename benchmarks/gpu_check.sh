@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU issue's one device check, prepared on a CPU: about 6-8 minutes on one H100 or H200.
+# The GPU issue's one device check, prepared on a CPU: about 6-8 minutes on one H100 or H200,
+# 10 at most (each part has a time limit: 150 + 90 + 210 + 150 s).
 #
 #     bash benchmarks/gpu_check.sh                   # from the repository root; writes into $OUT
 #     OUT=/tmp/check GAN_DATA=/data bash benchmarks/gpu_check.sh
@@ -46,15 +47,15 @@ part tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/
     > "$OUT/tests.txt" 2>&1
 tail -n 5 "$OUT/tests.txt"
 
-part kernels 120 $PY benchmarks/kernels.py --no-compile > "$OUT/kernels.txt" 2>&1
+part kernels 90 $PY benchmarks/kernels.py --no-compile > "$OUT/kernels.txt" 2>&1
 tail -n 60 "$OUT/kernels.txt"
 
-part train_speed 270 $PY benchmarks/train_speed.py --preset gpu-check --steps 200 --log-every 40 \
+part train_speed 210 $PY benchmarks/train_speed.py --preset gpu-check --steps 200 --log-every 40 \
     --data-root "$DATA" --markdown "$OUT/train_speed.md" > /dev/null 2>&1
 cat "$OUT/train_speed.md"
 
 faces=$(mktemp -d)
-part faces 240 $PY wgan_gp.py --data "$DATA/faces" --steps 2000 --cuda-graph --log-every 200 \
+part faces 150 $PY wgan_gp.py --data "$DATA/faces" --steps 2000 --cuda-graph --log-every 200 \
     --out "$faces/run" > "$OUT/faces.txt" 2>&1
 grid=$(ls "$faces"/run/samples/*.png 2>/dev/null | tail -n 1)
 [ -n "$grid" ] && cp "$grid" "$OUT/faces.png"
