@@ -760,7 +760,8 @@ class Folder:
             import fcntl
             try:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError:                         # not ours: close() keeps it
+                self.lock = self.lock.close()
                 fail(f"another run is writing to {self.path}; wait for it to end, or give another "
                      f"--out")
         for tmp in self.path.glob(".*.tmp"):                # no one else writes here: a killed
@@ -1025,19 +1026,20 @@ class Run:
                               f"; this data has {', '.join(ours or [])}")
 
     def agree(self, decide):
-        """decide() on rank 0; under torchrun every process stops with its refusal."""
+        """decide() on rank 0; under torchrun every process stops with its refusal, said by rank 0
+        before any process ends (the launcher stops the others when one ends)."""
+        if self.world == 1:
+            return decide()
         refusal = None
         if self.rank == 0:
             try:
                 decide()
             except SystemExit as e:
-                refusal = e.code
-        if self.world > 1:
-            shared = [refusal]
-            dist.broadcast_object_list(shared, src=0)
-            refusal = shared[0]
-        if refusal:
-            raise SystemExit(refusal)
+                refusal = print(e.code, file=sys.stderr, flush=True) or 1
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        if shared[0]:
+            raise SystemExit(shared[0])
 
     def close(self):
         for name, handler in self.handlers.items():

@@ -97,6 +97,8 @@ def test_a_locked_folder_is_refused_before_the_data_is_read(tmp_path):
     data = make_folder(tmp_path / "images", n=12)
     with another_run_holds("busy", tmp_path):
         assert "another run is writing" in error_of(S, "--data", data, "--out", "busy")
+        assert (tmp_path / "busy" / ".lock").exists()   # the holder's lock file stays: a third
+        # run that made a new one would lock that and write beside the holder
     assert not (tmp_path / "cache").exists()
 
 
