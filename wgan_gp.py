@@ -984,6 +984,23 @@ class CudaGraphs:
         return stats
 
 
+def agree(run, decide):
+    """decide() on rank 0; under torchrun every process stops with its refusal, said by rank 0
+    before any process ends (the launcher stops the others when one ends)."""
+    if run.world == 1:
+        return decide()
+    refusal = None
+    if run.rank == 0:
+        try:
+            decide()
+        except SystemExit as e:
+            refusal = print(e.code, file=sys.stderr, flush=True) or 1
+    shared = [refusal]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0]:
+        raise SystemExit(shared[0])
+
+
 # %% The loop: the steps, and after each one the EMA, the log, grids, checkpoints, the stop
 class Run:
     """What train() needs besides the paper: the device, --out, the data, --resume, the grids' fixed
@@ -1016,7 +1033,7 @@ class Run:
             self.handlers[name] = signal.signal(getattr(signal, name), self.on_signal)
         self.folder, step = Folder(expand(args.out)), self.ckpt and self.ckpt["step"]
         data = None if args.data in DATASETS else args.data
-        self.agree(lambda: self.folder.claim(data, self.last_good, step))  # first: before slow work
+        agree(self, lambda: self.folder.claim(data, self.last_good, step))  # before any slow work
         check(not self.ckpt or step < args.steps, f"the checkpoint is at step {step}; pass a "
                                                   f"larger --steps")
         torch.manual_seed(args.seed + self.rank)            # each process its own random stream
@@ -1024,22 +1041,6 @@ class Run:
         ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
         check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
                               f"; this data has {', '.join(ours or [])}")
-
-    def agree(self, decide):
-        """decide() on rank 0; under torchrun every process stops with its refusal, said by rank 0
-        before any process ends (the launcher stops the others when one ends)."""
-        if self.world == 1:
-            return decide()
-        refusal = None
-        if self.rank == 0:
-            try:
-                decide()
-            except SystemExit as e:
-                refusal = print(e.code, file=sys.stderr, flush=True) or 1
-        shared = [refusal]
-        dist.broadcast_object_list(shared, src=0)
-        if shared[0]:
-            raise SystemExit(shared[0])
 
     def close(self):
         for name, handler in self.handlers.items():
