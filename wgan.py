@@ -705,15 +705,15 @@ def save_grid(images, path):
 
 
 def without_batchnorm(net):
-    """Every BatchNorm of net replaced by nothing, and every convolution and linear layer given the
-    bias that DCGAN leaves out next to BatchNorm's shift (zero at first), as SN-GAN's networks."""
+    """Every BatchNorm of net replaced by nothing, and the layer before it given the bias that DCGAN
+    leaves out next to BatchNorm's shift (zero at first). Layers that had no BatchNorm keep none:
+    measured on MNIST, a bias in every layer drew worse digits (docs/long-runs.md)."""
     for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
-        for i, layer in enumerate(seq):
-            seq[i] = nn.Identity() if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer
-    for layer in net.modules():
-        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and layer.bias is None:
-            out = getattr(layer, "out_channels", None) or layer.out_features
-            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
+        for i, norm in enumerate(seq):
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                layer, seq[i] = seq[i - 1], nn.Identity()
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(layer.weight.new_zeros(norm.num_features))
     return net
 
 

@@ -222,7 +222,7 @@ MUTANTS = [
      "return (cosine.square() * pairs).sum() / (n * (n - 1))",
      "return cosine.square().mean()", FORMULAS),
     ("plumbing: D without BatchNorm gets no biases", "dcgan.py",
-     "layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))", "pass",
+     "layer.bias = nn.Parameter(layer.weight.new_zeros(norm.num_features))", "pass",
      ["tests/test_long_runs.py"]),
     ("ebgan: pull-away of unnormalised codes", "ebgan.py",
      "s = F.normalize(codes.flatten(1).float(), dim=1)", "s = codes.flatten(1).float()",
