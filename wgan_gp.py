@@ -713,15 +713,12 @@ def save_grid(images, path):
 
 
 def without_batchnorm(net):
-    """Every BatchNorm of net replaced by nothing, and the layer before it given the bias that DCGAN
-    leaves out next to BatchNorm's shift (zero at first). Layers that had no BatchNorm keep none:
-    measured on MNIST, a bias in every layer drew worse digits (docs/long-runs.md)."""
+    """Every BatchNorm of net replaced by nothing. Its layers stay without the bias that DCGAN
+    leaves out next to BatchNorm: one added drew worse digits under --spectral-norm at 8,000 steps
+    (two seeds; docs/long-runs.md)."""
     for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
-        for i, norm in enumerate(seq):
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-                layer, seq[i] = seq[i - 1], nn.Identity()
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(layer.weight.new_zeros(norm.num_features))
+        for i, layer in enumerate(seq):
+            seq[i] = nn.Identity() if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer
     return net
 
 

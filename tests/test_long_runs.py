@@ -135,33 +135,27 @@ def test_ebgan_without_batchnorm_in_D_resumes_exactly(tmp_path):
                                           ("acgan.py", "--spectral-norm"),
                                           ("lsgan.py", "--spectral-norm"),
                                           ("ebgan.py", "--no-d-batchnorm")])
-def test_a_D_without_batchnorm_gets_its_biases_back(script, flag):
-    """DCGAN's convolutions next to BatchNorm have no bias (BatchNorm's shift is one); a D whose
-    BatchNorm is taken out gets a bias, zero at first, in each layer that lost it, and only there
-    (a bias in every layer drew worse digits: docs/long-runs.md). G keeps its own."""
+def test_a_D_without_batchnorm_keeps_its_layers(script, flag):
+    """A D whose BatchNorm is taken out keeps its layers as they were, without the bias DCGAN
+    leaves out next to BatchNorm (one added in those layers, or in all, drew worse digits at 8,000
+    steps: docs/long-runs.md). G keeps its BatchNorm."""
     module = load_script(script)
     nn = module.nn
     weighted = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+    batchnorm = nn.modules.batchnorm._BatchNorm
 
     def models(*flags):
         args = module.parse_args([*TINY[script], "--channels", "1", *flags])
         args.n_classes = 3
         return module.build_models(args)
 
-    def biases(net):
-        return [m.bias is not None for m in net.modules() if isinstance(m, weighted)]
-
-    def before_batchnorm(net):
-        normed = {id(layer) for seq in net.modules() if isinstance(seq, nn.Sequential)
-                  for layer, after in zip(seq, [*seq][1:])
-                  if isinstance(after, nn.modules.batchnorm._BatchNorm)}
-        return [id(m) in normed for m in net.modules() if isinstance(m, weighted)]
+    def layers(net):
+        return [(tuple(m.weight.shape), m.bias is not None)
+                for m in net.modules() if isinstance(m, weighted)]
 
     G0, recipe = models()
     G, D = models(flag)
-    assert any(before_batchnorm(recipe)) and not all(before_batchnorm(recipe))
-    assert biases(D) == [had or bn for had, bn in zip(biases(recipe), before_batchnorm(recipe))]
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
-    added = [m.bias for m in D.modules() if getattr(m, "bias", None) is not None]
-    assert any(b.abs().sum() == 0 for b in added)                  # the new ones start at zero
-    assert biases(G) == biases(G0)                                 # G: untouched
+    assert any(isinstance(m, batchnorm) for m in recipe.modules())
+    assert not any(isinstance(m, batchnorm) for m in D.modules())
+    assert layers(D) == layers(recipe) and not all(bias for *_, bias in layers(D))
+    assert layers(G) == layers(G0) and any(isinstance(m, batchnorm) for m in G.modules())
