@@ -981,23 +981,6 @@ class CudaGraphs:
         return stats
 
 
-def agree(run, decide):
-    """decide() on rank 0; under torchrun every process stops with its refusal, said by rank 0
-    before any process ends (the launcher stops the others when one ends)."""
-    if run.world == 1:
-        return decide()
-    refusal = None
-    if run.rank == 0:
-        try:
-            decide()
-        except SystemExit as e:
-            refusal = print(e.code, file=sys.stderr, flush=True) or 1
-    shared = [refusal]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0]:
-        raise SystemExit(shared[0])
-
-
 # %% The loop: the steps, and after each one the EMA, the log, grids, checkpoints, the stop
 class Run:
     """What train() needs besides the paper: the device, --out, the data, --resume, the grids' fixed
@@ -1017,8 +1000,15 @@ class Run:
             raise
 
     def open(self):
+        """Rank 0 (the only process without torchrun) claims --out first, before any slow work and
+        before it joins torchrun's other processes: they wait for it in init_process_group, and the
+        launcher ends them if it refuses (a collective there could hang in torch 2.4's gloo)."""
         args, self.device = self.args, pick_device(self.args.device)
         self.cuda = self.device.type == "cuda"
+        self.folder, step = Folder(expand(args.out)), self.ckpt and self.ckpt["step"]
+        if self.rank == 0:
+            self.catch_signals()
+            self.folder.claim(None if args.data in DATASETS else args.data, self.last_good, step)
         if self.world > 1:                                  # torchrun: a process per device
             if self.cuda:
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -1026,11 +1016,7 @@ class Run:
             dist.init_process_group("nccl" if self.cuda else "gloo")
             if self.rank:                                   # rank 0 alone prints
                 sys.stdout = sys.stderr = open(os.devnull, "w")
-        for name in ("SIGINT", "SIGTERM", "SIGHUP")[:3 if hasattr(signal, "SIGHUP") else 2]:
-            self.handlers[name] = signal.signal(getattr(signal, name), self.on_signal)
-        self.folder, step = Folder(expand(args.out)), self.ckpt and self.ckpt["step"]
-        data = None if args.data in DATASETS else args.data
-        agree(self, lambda: self.folder.claim(data, self.last_good, step))  # before any slow work
+                self.catch_signals()
         check(not self.ckpt or step < args.steps, f"the checkpoint is at step {step}; pass a "
                                                   f"larger --steps")
         torch.manual_seed(args.seed + self.rank)            # each process its own random stream
@@ -1038,6 +1024,10 @@ class Run:
         ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
         check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
                               f"; this data has {', '.join(ours or [])}")
+
+    def catch_signals(self):
+        for name in ("SIGINT", "SIGTERM", "SIGHUP")[:3 if hasattr(signal, "SIGHUP") else 2]:
+            self.handlers[name] = signal.signal(getattr(signal, name), self.on_signal)
 
     def close(self):
         for name, handler in self.handlers.items():
