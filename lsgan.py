@@ -286,7 +286,7 @@ def parse(p, argv):
     check(args.label is None or CONDITIONAL and args.generate is not None,
           "--label goes with --generate, in cgan.py and acgan.py")
     check("" not in (args.data, args.data_root, args.out, args.ckpt), "a path must not be empty")
-    name = args.data if args.data in DATASETS else expand(args.data).resolve().name
+    name = args.data if args.data in DATASETS else Path(os.path.abspath(expand(args.data))).name
     tag = "" if args.data == "mnist" else "-" + "".join(c if c.isalnum() or c in "._-" else "_"
                                                         for c in name)
     source = args.resume or args.ckpt                       # a checkpoint's folder, else by data

@@ -191,6 +191,21 @@ def test_a_signal_saves_a_checkpoint(sig, tmp_path, data):
     assert load(tmp_path / "runs" / "dcgan-images" / "last.pt")["step"] >= 1
 
 
+def test_the_default_out_is_named_after_the_folder_as_typed(tmp_path, monkeypatch):
+    """runs/<script>-<name>: the name the user gave (a link's own name, not its target's), with
+    "." and a trailing "/" meaning the folder itself; MNIST alone gets runs/<script>."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "my photos").symlink_to(tmp_path / "faces")
+    parse = load_script(S).parse_args
+    assert parse(["--data", "my photos"]).out == "runs/dcgan-my_photos"
+    assert parse(["--data", "faces/"]).out == "runs/dcgan-faces"
+    monkeypatch.chdir(tmp_path / "faces")
+    assert parse(["--data", "."]).out == "runs/dcgan-faces"
+    assert parse([]).out == "runs/dcgan"
+    assert parse(["--data", "cifar10"]).out == "runs/dcgan-cifar10"
+
+
 # %% NaN and inf
 def poison(module, monkeypatch):
     """From now on every real batch is NaN."""
