@@ -756,7 +756,8 @@ class Folder:
             try:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:                         # not ours: close() keeps it
-                self.lock = self.lock.close()
+                self.lock.close()
+                self.lock = None
                 fail(f"another run is writing to {self.path}; wait for it to end, or give another "
                      f"--out")
         for tmp in self.path.glob(".*.tmp"):                # no one else writes here: a killed

@@ -157,5 +157,5 @@ def test_a_D_without_batchnorm_keeps_its_layers(script, flag):
     G, D = models(flag)
     assert any(isinstance(m, batchnorm) for m in recipe.modules())
     assert not any(isinstance(m, batchnorm) for m in D.modules())
-    assert layers(D) == layers(recipe) and not all(bias for *_, bias in layers(D))
+    assert layers(D) == layers(recipe) and not all(bias for _, bias in layers(D))
     assert layers(G) == layers(G0) and any(isinstance(m, batchnorm) for m in G.modules())
