@@ -19,7 +19,10 @@ and the paper's rules for making that stable:
 """
 # %% Imports
 import math
+import sys
 
+# Ctrl-C while torch loads, the first seconds: exit 130 without a traceback
+sys.excepthook = lambda kind, e, tb: kind is KeyboardInterrupt or sys.__excepthook__(kind, e, tb)
 import torch
 import torch.nn as nn
 
@@ -167,7 +170,7 @@ def failing(m, args):
 # The same in every script down to the end marker, in parts with one job each: flags, data,
 # checkpoints, the run's folder, the meter (the log), the failing-training rule, the loop. The
 # source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
-import argparse, copy, csv, gzip, hashlib, os, shlex  # noqa: E401
+import argparse, copy, csv, errno, gzip, hashlib, io, itertools, os, shlex  # noqa: E401
 import shutil, signal, struct, sys, time, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext, suppress
@@ -194,7 +197,7 @@ CKPT_KEYS = ("script", "step", "args", "G", "D", "opt_G", "opt_D", "fixed_noise"
 
 def fail(msg):
     """Bad input: one line on stderr and exit status 1, never a traceback."""
-    raise SystemExit(f"{SCRIPT}: error: {msg}")
+    raise SystemExit(f"{SCRIPT}: error: " + msg.replace("\n", "\\n"))  # (a name's newline too)
 
 
 def check(ok, msg):
@@ -203,24 +206,42 @@ def check(ok, msg):
 
 
 def warn(msg):
-    print(f"{SCRIPT}: warning: {msg}", file=sys.stderr, flush=True)
+    print(f"{SCRIPT}: warning: " + msg.replace("\n", "\\n"), file=sys.stderr, flush=True)
 
 
 def why(e):
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:200]
+    """An exception in one line. A first line that ends in ':' is followed by the reason: its
+    cause's, or the message's last line (torchvision's download error: the network's)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+    inner = e.__cause__ or e.__context__
+    if inner and lines[0][-1:] in ":":
+        return why(inner)
+    text = lines[0] + (f" {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    return f"{type(e).__name__}: {text}"[:200]
+
+
+def hms(seconds):
+    return f"{int(seconds) // 3600}h{int(seconds) % 3600 // 60:02d}m{int(seconds) % 60:02d}s"
 
 
 def main(argv=None):
     """The command line's and a notebook's entry. In a notebook an error is one printed line and
     main() returns, so that the next cell still runs."""
+    for stream in (sys.stdout, sys.stderr):                 # a name that is not UTF-8: \x..
+        with suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = parse_args(argv)
         if args.generate is not None:
             return generate(args)
         with closing(Run(args)) as run:
             return train(run)
-    except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C while importing
+    except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C before the handlers
         code = getattr(e, "code", 130)
+    except OSError as e:                                    # a name too long, a folder unreadable
+        code = f"{SCRIPT}: error: {why(e)}"
+    except MemoryError as e:
+        code = f"{SCRIPT}: error: out of memory ({why(e)}); --data-in disk keeps the images on disk"
     if not NOTEBOOK:
         raise SystemExit(code)
     if isinstance(code, str):
@@ -228,9 +249,14 @@ def main(argv=None):
 
 
 # %% Flags shared by every script
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):                     # a default said once, None never
+        said = action.default is None or action.default is False or "default" in action.help
+        return action.help if said else super()._get_help_string(action)
+
+
 def make_parser(doc):
-    p = argparse.ArgumentParser(SCRIPT, description=doc.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(SCRIPT, description=doc.split("\n\n")[0], formatter_class=Help)
     p.error = fail                                          # argparse's own errors: one line too
     g = p.add_argument_group("shared by every script").add_argument
     g("--data", default="mnist", help="mnist, fashion-mnist, cifar10, mnist-mini, or a folder")
@@ -243,14 +269,17 @@ def make_parser(doc):
     g("--ckpt-every", type=int, default=1000, help="steps between checkpoints")
     g("--log-every", type=int, default=50, help="steps between log lines")
     g("--resume", nargs="?", const="", metavar="PATH", help="continue <out>/last.pt, or PATH")
-    g("--seed", type=int, default=0)
-    g("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    g("--seed", type=int, default=0, help="the seed of every random stream")
+    g("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+      help="auto: cuda, else mps, else cpu")
     g("--amp", action="store_true", help="bf16 autocast (CUDA)")
     g("--compile", action="store_true", help="torch.compile G and D (CUDA)")
     g("--cuda-graph", action="store_true", help="capture a whole step as one CUDA graph (CUDA)")
-    g("--generate", type=int, metavar="N", help="write N images from --ckpt into --out, then exit")
-    g("--ckpt", help="the checkpoint for --generate (default: <out>/last.pt)")
-    g("--label", type=int, help="with --generate in cgan.py, acgan.py: draw only this class")
+    g("--generate", type=int, metavar="N",
+      help="write N images from --ckpt into --out (default: <its folder>/generated), then exit")
+    g("--ckpt", help="for --generate (default: runs/<script>[-<data>]/last.pt)")
+    if CONDITIONAL:
+        g("--label", type=int, help="with --generate: draw only this class")
     g("--keep-every", type=int, default=0, metavar="N",
       help="keep a snapshot step_<N>.pt every N steps (default: --steps / 5: five per run)")
     g("--stop-on-collapse", action="store_true",
@@ -261,45 +290,76 @@ def make_parser(doc):
 
 
 def parse(p, argv):
-    """Parse and check the shared flags. args.given names the flags given: on --resume and
-    --generate the others come from the checkpoint."""
+    """The flags typed (args.given names them) and, on --resume and --generate, the checkpoint's
+    for the others: given to the same parser, before the typed ones, so that a value refused when
+    typed is refused when read."""
     argv = [str(a) for a in (argv if argv is not None else [] if NOTEBOOK else sys.argv[1:])]
     unset = object()
-    defaults = {a.dest: unset for a in p._actions if a.default != argparse.SUPPRESS}
-    args = p.parse_args(argv, argparse.Namespace(**defaults))
-    given = {k for k, v in vars(args).items() if v is not unset}
-    for k in set(vars(args)) - given:
-        setattr(args, k, p.get_default(k))
-    args.given, args.argv, args.betas = sorted(given), argv, tuple(args.betas)
-    check(args.generate is None or args.generate > 0, f"--generate must be positive, got "
-                                                      f"{args.generate}")
+    typed = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
+    given, args = sorted(k for k, v in typed.items() if v is not unset), p.parse_args(argv)
     check(args.ckpt is None or args.generate is not None,
           "--ckpt goes with --generate; to train on, --resume")
-    check(args.label is None or CONDITIONAL and args.generate is not None,
-          "--label goes with --generate, in cgan.py and acgan.py")
+    check(getattr(args, "label", None) is None or args.generate is not None,
+          "--label goes with --generate")
+    check(args.generate is None or args.generate > 0, f"--generate must be positive, got "
+                                                      f"{args.generate}")
     check("" not in (args.data, args.data_root, args.out, args.ckpt), "a path must not be empty")
     name = args.data if args.data in DATASETS else Path(os.path.abspath(expand(args.data))).name
     tag = "" if args.data == "mnist" else "-" + "".join(c if c.isalnum() or c in "._-" else "_"
                                                         for c in name)
-    source = args.resume or args.ckpt                       # a checkpoint's folder, else by data
+    out = expand(f"runs/{SCRIPT[:-3]}{tag}")                # by default, the run of this data
+    source = args.resume or args.ckpt                       # a checkpoint, or its folder
     source = source and expand(source) / ("last.pt" if expand(source).is_dir() else "")
-    args.out = args.out or str(source.parent if source else f"runs/{SCRIPT[:-3]}{tag}")
-    if args.resume is not None or args.generate is not None:  # the flags not given: its own
-        path = source or expand(args.out) / "last.pt"
-        args.checkpoint = path, load_checkpoint(path, args)
-    for a in p._actions:                                    # the values, given or a checkpoint's
-        v = getattr(args, a.dest, None)
-        check(a.type is not float or np.isfinite(np.asarray(v, float)).all(),
-              f"{a.option_strings[0]} must be a finite number, got {v}")
-    for k in ("steps", "batch_size", "latent_dim", "sample_every", "ckpt_every", "log_every"):
-        n = getattr(args, k)
-        check(0 < n <= 2 ** 31, f"--{k.replace('_', '-')} must be a positive integer, got {n}")
-    check(args.batch_size <= 65536, "--batch-size must be at most 65536")
-    check(0 <= args.seed < 2 ** 63, f"--seed must be in 0..2^63-1, got {args.seed}")
-    check(args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}")
-    check(0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}")
-    check(args.lr > 0, f"--lr must be positive, got {args.lr}")
-    check(all(0 <= b < 1 for b in args.betas), f"--betas must lie in [0, 1), got {args.betas}")
+    if args.resume is not None or args.generate is not None:
+        path = source or (expand(args.out) if args.resume is not None and args.out else out) / \
+            "last.pt"
+        ckpt = load_checkpoint(path)
+        args = p.parse_args(saved_flags(p, path, ckpt, given) + argv)
+        args.checkpoint, out = (path, ckpt), path.parent / ("generated" if args.generate else "")
+        args.n_classes = len(ckpt.get("classes") or []) or None  # cgan, acgan: as many as names
+    args.given, args.out = given, args.out or str(out)
+    if args.data not in DATASETS:                           # kept in checkpoints: absolute paths
+        args.data = os.path.abspath(expand(args.data))
+    args.data_root = os.path.abspath(expand(args.data_root))
+    return check_flags(p, args)
+
+
+def saved_flags(p, path, ckpt, given):
+    """A checkpoint's flags that were not typed, as they would be typed; checked as if typed."""
+    argv = []
+    for a in [a for a in p._actions if a.option_strings and a.dest not in {*OWN_FLAGS, *given}]:
+        v, flag = ckpt["args"].get(a.dest), a.option_strings[0]
+        if a.nargs == 0 and v is not None:                  # --flag, or --no-flag (wgan.py)
+            check(type(v) is bool, f"{path}: its {flag} is {v!r}")
+            argv += a.option_strings[:1] if v else a.option_strings[1:]
+        elif v is not None:                                 # (=: a value may begin with -)
+            many = a.nargs and isinstance(v, (list, tuple))
+            argv += [flag, *map(str, v)] if many else [f"{flag}={v}"]
+    error, p.error = p.error, lambda msg: fail(f"{path} holds a flag that would be refused: {msg}")
+    try:
+        check_flags(p, p.parse_args(argv))
+    finally:
+        p.error = error
+    return argv
+
+
+def check_flags(p, args):
+    """Every value, typed or a checkpoint's: finite numbers, counts within their limits."""
+    bad = [f"{a.option_strings[0]} must be a finite number, got {getattr(args, a.dest)}"
+           for a in p._actions if a.type is float and not np.isfinite(getattr(args, a.dest)).all()]
+    bad += [f"--{k.replace('_', '-')} must be in 1..{top:,}, got {getattr(args, k):,}"
+            for k, top in dict(steps=2 ** 31, batch_size=65536, latent_dim=2 ** 31, log_every=2 **
+                               31, sample_every=2 ** 31, ckpt_every=2 ** 31).items()
+            if not 0 < getattr(args, k) <= top]
+    bad += [msg for ok, msg in (
+        (0 <= args.seed < 2 ** 63, f"--seed must be in 0..2^63-1, got {args.seed}"),
+        (args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}"),
+        (0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}"),
+        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
+        (all(0 <= b < 1 for b in args.betas), f"--betas must lie in [0, 1), got {args.betas}"))
+        if not ok]
+    p.error(bad[0]) if bad else None                        # (a checkpoint's: said as its)
+    args.betas = tuple(args.betas)
     return args
 
 
@@ -365,7 +425,7 @@ def load_named(args, device="cpu"):
     if args.data == "mnist-mini":
         images, labels = load_mini()
     else:
-        images, labels = read_idx(root / DATASETS[args.data] / "raw") or download(args.data, root)
+        images, labels = read_idx(root / DATASETS[args.data] / "raw") or download(args, root)
     x = torch.from_numpy(images[:, None] if images.ndim == 3 else images)  # MNIST: add C
     args.channels = args.channels or x.shape[1]
     args.img_size = args.img_size or SMALL_IMG_SIZE or x.shape[-1]
@@ -407,7 +467,8 @@ def read_idx(raw):
     return arrays
 
 
-def download(name, root):
+def download(args, root):
+    name = args.data
     made = [d for d in (root / DATASETS[name], root, *root.parents) if not d.exists()]
     try:
         ds = getattr(torchvision.datasets, DATASETS[name])(str(root), train=True, download=True)
@@ -418,6 +479,7 @@ def download(name, root):
         if made:
             shutil.rmtree(made[-1], ignore_errors=True)     # leave no empty folder or partial file
         check(name == "mnist", f"{name} is not under {root} and could not be downloaded ({why(e)})")
+        args.data = "mnist-mini"                            # what it trains on, said as such
         return load_mini(f"MNIST is not under {root} and could not be downloaded ({why(e)})")
 
 
@@ -437,18 +499,23 @@ def load_mini(offline=""):
 
 
 def load_folder(args, device=None):
-    """Every image under the folder (recursively; not hidden files, nor the outputs of runs), short
-    side resized and centre-cropped to --img-size, decoded once. In cgan.py and acgan.py each
-    first-level subfolder is a class."""
+    """Every image under the folder (recursively, through links; not hidden files, nor the outputs
+    of runs), short side resized and centre-cropped to --img-size, decoded once. In cgan.py and
+    acgan.py each first-level subfolder is a class."""
     root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
     check(root.is_dir(), f"--data {args.data} is a file; give the folder that holds the images")
     args.img_size, args.channels = args.img_size or PHOTO_IMG_SIZE, args.channels or 3
-    runs = {Path(args.out).resolve(), *(lock.parent.resolve() for lock in root.rglob(".lock"))}
-    files = sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file()
-                   and "/." not in "/" + f.relative_to(root).as_posix()
-                   and runs.isdisjoint(f.resolve().parents))
+    files, seen = [], set()                                 # (links followed, each folder once)
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        if os.path.realpath(folder) in seen or ".lock" in names:  # a run's, --generate's folder
+            dirs.clear()
+            continue
+        seen.add(os.path.realpath(folder))
+        dirs[:] = [d for d in dirs if d[0] != "."]
+        files += [Path(folder, n) for n in names if n[0] != "." and n.lower().endswith(IMAGE_EXTS)]
+    files.sort()
     check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
     images, keep = decode_folder(root, files, args.img_size, args.channels)
     if not keep.all():
@@ -473,7 +540,8 @@ def decode_folder(root, files, size, channels):
     """The files decoded (in threads), or read from the cache outside the folder (it may be
     read-only): one per folder and size, holding the files' names, sizes and times."""
     try:
-        key = digest([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+        key = digest([(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                      for f in files])
     except OSError as e:                                    # a file went while the folder was read
         fail(f"{root} changed while it was read ({why(e)}); run again")
     name = f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npz"
@@ -544,10 +612,9 @@ def write_cache(cache, **arrays):
 
 
 # %% Checkpoints: load, save (with the random streams of every process), restore
-def load_checkpoint(path, args):
-    """A checkpoint of this script, loaded safely (tensors and plain data only). The flags not given
-    on the command line come from it (and are checked as if given), so --resume and --generate need
-    no repeated flags."""
+def load_checkpoint(path):
+    """A checkpoint of this script, loaded safely (tensors and plain data only); its flags are read
+    by parse(), as if typed."""
     check(path.is_file(), f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -555,26 +622,23 @@ def load_checkpoint(path, args):
         fail(f"{path} is not a checkpoint that can be loaded safely ({why(e)})")
     check(isinstance(ckpt, dict) and "script" in ckpt, f"{path} is not a checkpoint of this repo")
     check(ckpt["script"] == SCRIPT, f"{path} was written by {ckpt['script']}, not by {SCRIPT}")
-    lost = [k for k in CKPT_KEYS if k not in ckpt] or [k for k, ok in (
-        ("args", isinstance(ckpt["args"], dict)), ("step", type(ckpt["step"]) is int
-                                                  and ckpt["step"] >= 0)) if not ok]
+    names = ckpt.get("classes")                             # cgan.py, acgan.py: the classes
+    whole = {"args": isinstance(ckpt.get("args"), dict),
+             "step": type(ckpt.get("step")) is int and ckpt["step"] >= 0,
+             "classes": not CONDITIONAL or isinstance(names, list) and len(names) > 0
+             and all(type(c) is str for c in names)}
+    lost = [k for k in CKPT_KEYS if k not in ckpt] or [k for k, ok in whole.items() if not ok]
     check(not lost, f"{path} is not a whole checkpoint (edited by hand?): {', '.join(lost)}")
-    for k, v in ckpt["args"].items():
-        if k not in args.given and k not in OWN_FLAGS:
-            was = getattr(args, k, None)                    # a flag's values: of its type, length
-            check(was is None or type(v) is type(was) or isinstance(was, tuple)
-                  and isinstance(v, list) and len(v) == len(was),
-                  f"{path}: its --{k.replace('_', '-')} is {v!r}")
-            setattr(args, k, tuple(v) if isinstance(v, list) else v)
     return ckpt
 
 
-def load_state(obj, state, name):
+def load_state(obj, state, name, differ=""):
     try:
         obj.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"the checkpoint's {name} does not fit this model ({why(e)}); a flag that shapes it "
-             f"(--spectral-norm, a width) given otherwise?")
+        fail(f"the checkpoint's {name} does not fit this model ({why(e)}); " + (
+            f"typed otherwise: {differ}" if differ else "a flag that shapes it (--spectral-norm, a "
+                                                        "width) given otherwise?"))
 
 
 def save_checkpoint(run, *paths):
@@ -647,35 +711,48 @@ def restore_checkpoint(run, ckpt):
 # %% --generate, pictures, D without BatchNorm
 def generate(args):
     """--generate N: N images from the checkpoint's G as <index>.png (conditional scripts:
-    <label>_<index>.png, the labels cycling through the classes, or all --label)."""
-    device, out, (_, ckpt) = pick_device(args.device), expand(args.out), args.checkpoint
-    torch.manual_seed(args.seed)
-    check(not any(out.glob("*000000.png")), f"{out} holds generated images already; give another "
-                                            f"--out")
-    make_dir(out)
+    <label>_<index>.png, the labels cycling through the classes, or all --label), into a folder
+    that holds none of those names, locked as a run's folder is (the scan of --data skips it)."""
+    device, ckpt = pick_device(args.device), args.checkpoint[1]
     G = build_models(args)[0].to(device).eval()
     load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")       # --ema's average of G, when saved
-    n = len(ckpt.get("classes") or [0])
-    check(args.label is None or 0 <= args.label < n, f"--label must be in 0..{n - 1}")
-    with torch.no_grad():
+    n, label, index = len(ckpt.get("classes") or [0]), getattr(args, "label", None), range(
+        args.generate)
+    check(label is None or 0 <= label < n, f"--label must be in 0..{n - 1}")
+    labels = [i % n if label is None else label for i in index]
+    names = [f"{y}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png" for i, y in zip(index, labels)]
+    with closing(Folder(expand(args.out))) as folder:
+        folder.take()
+        taken = next((name for name in names if (folder.path / name).exists()), None)
+        check(taken is None, f"{folder.path} holds {taken} already; give a folder without such "
+                             f"names, e.g. --out {free(folder.path)}")
+        folder.ours = True
+        torch.manual_seed(args.seed)
         for first in range(0, args.generate, 256):
-            index = torch.arange(first, min(first + 256, args.generate))
-            z = torch.randn(len(index), args.latent_dim, device=device)
-            labels = index % n if args.label is None else torch.full_like(index, args.label)
-            images = G(z, labels.to(device)) if CONDITIONAL else G(z)
-            for i, label, image in zip(index.tolist(), labels.tolist(), images):
-                name = f"{label}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png"
-                try:
-                    save_grid(image, out / name)
-                except OSError as e:
-                    fail(f"could not write {out / name} ({why(e)})")
-    print(f"wrote {args.generate} images to {out}")
+            z = torch.randn(len(index[first:first + 256]), args.latent_dim, device=device)
+            y = torch.tensor(labels[first:first + 256], device=device)
+            with torch.no_grad():
+                images = G(z, y) if CONDITIONAL else G(z)
+            for name, image in zip(names[first:first + 256], images):
+                save_grid(image, folder.path / name)
+    print(f"wrote {args.generate} images to {folder.path}")
+
+
+def free(path):
+    """A name beside path that nothing has: path-2, path-3, ..."""
+    return next(p for k in itertools.count(2) if not (p := Path(f"{path}-{k}")).exists())
 
 
 def save_grid(images, path):
-    """Images in [-1, 1] as one PNG, 8 to a row (torchvision's make_grid)."""
+    """Images in [-1, 1] as one PNG, 8 to a row (torchvision's make_grid), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.float(), path, nrow=8, padding=2, normalize=True, value_range=(-1, 1))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_image(images.float(), tmp, "png", nrow=8, padding=2, normalize=True,
+                   value_range=(-1, 1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def without_batchnorm(net):
@@ -706,18 +783,13 @@ class Folder:
     """
 
     def __init__(self, path):
-        self.path, self.lock, self.made = path, None, []
+        self.path, self.lock, self.made, self.ours = path, None, [], False
 
-    def claim(self, data, resumed, step):
-        """Create and lock the folder, and say whether this run may write there: a fresh one if it
-        holds no run, a resumed one (--resume's checkpoint `resumed`, at `step`) if it holds none
-        or if that is its last.pt. Never the folder of --data's images, nor one around it."""
-        out, images = self.path.resolve(), data and expand(data).resolve()
-        check(not images or not images.is_relative_to(out) and not (
-            out.is_relative_to(images) and out.is_dir() and not (out / ".lock").exists() and any(
-                f.suffix.lower() in IMAGE_EXTS for f in out.rglob("*"))),
-              f"--out {self.path} is, holds or is among the images of --data; give another --out")
+    def take(self):
+        """Create the folder and lock it. Once it is ours (self.ours: the run may write there), its
+        .lock stays, and the scan of --data skips the folder."""
         self.made = make_dir(self.path)                     # the folders made: for close()
+        self.new = not (self.path / ".lock").exists()
         self.lock = open(self.path / ".lock", "a")
         with suppress(ImportError):
             import fcntl
@@ -730,7 +802,23 @@ class Folder:
                      f"--out")
         for tmp in self.path.glob(".*.tmp"):                # no one else writes here: a killed
             tmp.unlink(missing_ok=True)                     # save's temporary file
-        last, snaps = self.path / "last.pt", sorted(self.path.glob("step_*.pt"))
+
+    def claim(self, data, resumed, step):
+        """Take the folder, and say whether this run may write there: a fresh one if it holds no
+        run, a resumed one (--resume's checkpoint `resumed`, at `step`) if it holds none or if that
+        is its last.pt. Never the folder of --data's images, nor one around it."""
+        out, images = self.path.resolve(), data not in DATASETS and Path(data).resolve()
+        check(not images or not images.is_relative_to(out) and not (
+            out.is_relative_to(images) and out.is_dir() and not (out / ".lock").exists() and any(
+                f.suffix.lower() in IMAGE_EXTS for f in out.rglob("*"))),
+              f"--out {self.path} is, holds or is among the images of --data; give another --out")
+        self.take()
+        last = self.path / "last.pt"
+        snaps = sorted(self.path.glob("step_*.pt"), key=lambda p: (len(p.name), p.name))  # by step
+        theirs = origin(saved_args(last).get("data")) if last.exists() and not resumed else None
+        check(theirs in (None, origin(data)) or {theirs, data} <= {"mnist", "mnist-mini"},
+              f"{self.path} holds a run on other data ({theirs}); give another --out, e.g. --out "
+              f"{free(self.path)}")
         check(resumed or not last.exists(), f"{self.path} holds a run already: add --resume to "
                                             f"continue it, or give another --out")
         check(resumed or not snaps, f"{self.path} holds a run's snapshots: continue the last with "
@@ -738,25 +826,28 @@ class Folder:
         check(not (last.exists() or snaps) or not resumed or resumed.resolve() == last.resolve(),
               f"{self.path} holds another run; continuing {resumed} there would replace its "
               f"checkpoints: give a new folder, e.g. --out {self.path}-from-{step}")
+        self.ours = True
 
     def picture(self, images, name):
         self.write(name, save_grid, images, self.path / name)
 
-    def write_log(self, header, rows):
-        tmp = self.path / ".log.csv.tmp"
-
-        def log_files():                                    # atomically: a full disk keeps it
-            try:
-                with open(tmp, "w", newline="") as f:
-                    csv.writer(f).writerows([header, *rows])
-                os.replace(tmp, self.path / "log.csv")
-            finally:
-                tmp.unlink(missing_ok=True)
-            plot(rows, header, self.path / "loss.png")
-        self.write("log.csv", log_files)
+    def append(self, name, *rows):
+        """Rows added to a CSV file whole, or not at all (a full disk: the file is cut back)."""
+        def add():
+            text = io.StringIO()
+            csv.writer(text).writerows(rows)
+            with open(self.path / name, "ab", buffering=0) as f:
+                size, data = f.seek(0, os.SEEK_END), text.getvalue().encode()
+                try:
+                    if f.write(data) != len(data):
+                        raise OSError(errno.ENOSPC, "the row was written in part")
+                except OSError:
+                    f.truncate(size)
+                    raise
+        self.write(name, add)
 
     def write(self, name, how, *args):
-        """The grids and the log; one that cannot be written (a folder in its place) never stops
+        """The grids and the logs; one that cannot be written (a folder in its place) never stops
         the run."""
         try:
             how(*args) if self.lock else None
@@ -766,30 +857,63 @@ class Folder:
     def close(self):
         if self.lock:
             self.lock.close()                               # frees the lock
-            with suppress(OSError):                         # a refused run leaves no folder
-                if [p.name for p in self.path.iterdir()] == [".lock"]:
+            with suppress(OSError):                         # a refused run leaves nothing
+                if [p.name for p in self.path.iterdir()] == [".lock"] or self.new and not self.ours:
                     (self.path / ".lock").unlink()
                     for folder in self.made:
                         folder.rmdir()
 
 
-def read_log(path, step):
-    """On --resume: log.csv's rows up to the checkpoint's step; damaged rows are dropped."""
+def read_rows(folder, name, step):
+    """A CSV file of the run's (log.csv, metrics.csv) on --resume: its rows up to the checkpoint's
+    step, and the file written again (atomically) if it held later or damaged rows: a damaged one
+    is dropped, and the file it was in kept as NAME.damaged. A fresh run (step 0) starts anew."""
+    path, rows, damaged, dropped = folder.path / name, [], False, not step
     try:
         with open(path, newline="", errors="replace") as f:
-            rows = list(csv.reader(f))[1:] if step else []
-        return [[int(r[0]), *map(float, r[1:])] for r in rows if r and r[0].isdigit()
-                and int(r[0]) <= step]
-    except (OSError, ValueError):
-        return []
+            header, *lines = list(csv.reader(f)) if step else [[]]
+    except (OSError, ValueError):                           # none yet; a folder in its place
+        header, lines = [], []
+    for line in lines:
+        try:
+            row = [int(line[0]), *map(float, line[1:])]
+        except (ValueError, IndexError):                    # an empty cell, a blank line
+            row = []
+        damaged |= len(row) != len(header)
+        keep = len(row) == len(header) and row[0] <= step
+        rows, dropped = rows + [row] * keep, dropped or not keep
+    tmp = path.with_name(f".{name}.tmp")
+    try:
+        if folder.lock and dropped:                         # (under torchrun: rank 0 alone)
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([header, *rows] if rows else [])
+            os.replace(path, f"{path}.damaged") if damaged else None
+            os.replace(tmp, path) if rows else path.unlink(missing_ok=True)
+    except OSError as e:
+        warn(f"could not write {path} ({why(e)}); training goes on")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return header, rows
 
 
-def plot(rows, header, path, W=800, H=420, pad=60):
-    """log.csv as a line chart, drawn with PIL, so that no plotting package is needed."""
+def origin(data):
+    """The data a run trains on, comparable: a dataset's name, or a folder's real path."""
+    return data if data in DATASETS or data is None else str(Path(data).resolve())
+
+
+def saved_args(path):
+    """The flags a checkpoint holds, or {} if it cannot be read."""
+    with suppress(Exception):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
+    return {}
+
+
+def plot(rows, header, path, last=-1, W=800, H=420, pad=60):
+    """A CSV's columns 1..last as lines over its steps (PIL: no plotting package is needed)."""
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     x0, x1 = rows[0][0], max(rows[-1][0], rows[0][0] + 1)
-    series = [[r[i] for r in rows] for i in range(1, len(header) - 1)]
+    series = [[r[i] for r in rows] for i in range(1, len(header))[:last]]
     lo, hi = min(map(min, series)), max(map(max, series))
     hi = hi if hi > lo else lo + 1
     draw.rectangle([pad, pad, W - pad, H - pad], outline="black")
@@ -814,7 +938,7 @@ class Meter:
 
     def __init__(self, run):
         self.run, self.sums, self.images, self.t0 = run, None, 0, time.time()
-        self.rows = read_log(run.folder.path / "log.csv", run.step)
+        self.header, self.rows = read_rows(run.folder, "log.csv", run.step)
 
     def add(self, stats, step, images):
         values = torch.stack([v.detach().float().reshape(()) for v in stats.values()])
@@ -831,6 +955,16 @@ class Meter:
         kept = f"the last good checkpoint: {kept}" if kept else "no checkpoint"
         check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
 
+    def eta(self, step, total):
+        """After this process's first step (its work done): the time the run takes at that pace,
+        and, when that is hours, the settings that take one."""
+        self.sums.sum().item()
+        each = (time.time() - self.t0) / self.count
+        hint = (f"; in an hour: --steps {step + int(3600 / each)}, or a smaller --img-size (half "
+                f"the size: about 4x faster)" if each * (total - step) > 3600 else "")
+        print(f"[{step}/{total}] first step {each:.1f} s | {hms(each * (total - step))} left at "
+              f"this pace{hint}", flush=True)
+
     def line(self, step, total, stop):
         """The log line at `step`: returns its means and the stop that every process agrees on."""
         run = self.run
@@ -843,14 +977,13 @@ class Meter:
         self.check()
         means = dict(zip(self.names, (self.sums / self.count).tolist()))
         dt, ips = time.time() - self.t0, self.images * run.world / max(time.time() - self.t0, 1e-9)
-        header = ["step", *means, "img_per_s"]
-        self.rows = [r for r in self.rows if len(r) == len(header)]
-        self.rows.append([step, *(float(f"{v:.5g}") for v in means.values()), round(ips)])
-        run.folder.write_log(header, self.rows)
-        left = int((total - step) * dt / self.count)
+        row, header = [step, *(float(f"{v:.5g}") for v in means.values()), round(ips)], [
+            "step", *means, "img_per_s"]
+        run.folder.append("log.csv", *[header] * (header != self.header), row)  # (row by row)
+        self.header, self.rows = header, [r for r in self.rows if len(r) == len(row)] + [row]
         print(f"[{step:>{len(str(total))}}/{total}] "
               f"{' '.join(f'{k} {v:.3f}' for k, v in means.items())} | {ips:,.0f} img/s | "
-              f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s left", flush=True)
+              f"{hms((total - step) * dt / self.count)} left", flush=True)
         self.sums.zero_()
         self.count, self.images, self.t0 = 0, 0, time.time()
         return means, stop
@@ -975,7 +1108,7 @@ class Run:
         self.folder, step = Folder(expand(args.out)), self.ckpt and self.ckpt["step"]
         if self.rank == 0:
             self.catch_signals()
-            self.folder.claim(None if args.data in DATASETS else args.data, self.last_good, step)
+            self.folder.claim(args.data, self.last_good, step)
         if self.world > 1:                                  # torchrun: a process per device
             if self.cuda:
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -986,11 +1119,11 @@ class Run:
                 self.catch_signals()
         check(not self.ckpt or step < args.steps, f"the checkpoint is at step {step}; pass a "
                                                   f"larger --steps")
+        if self.ckpt:                                       # its models fit, before data is read
+            fits(args, self.ckpt)
         torch.manual_seed(args.seed + self.rank)            # each process its own random stream
         self.data = load_data(args, self.device)
-        ours, theirs = self.data["classes"], (self.ckpt or {}).get("classes", self.data["classes"])
-        check(theirs == ours, f"the checkpoint was trained on the classes {', '.join(theirs or [])}"
-                              f"; this data has {', '.join(ours or [])}")
+        same_data(args, self.ckpt, self.data)
 
     def catch_signals(self):
         for name in ("SIGINT", "SIGTERM", "SIGHUP")[:3 if hasattr(signal, "SIGHUP") else 2]:
@@ -1046,14 +1179,16 @@ class Run:
         """Every step from the checkpoint's to --steps: step() (the paper's algorithm, returning its
         numbers by name), then after_step(). key(n): what else step() takes (wgan.py: the critic's
         updates before generator update n)."""
-        self.training = True
-        for self.step in range(self.step + 1, self.args.steps + 1):
+        self.training, first = True, self.step + 1
+        for self.step in range(first, self.args.steps + 1):
             self.batches, args = 0, (key(self.step),) if key else ()
             stats = self.graphs(step, args) if self.graphs else step(*args)
             self.meter.add(stats, self.step, self.batches * self.args.batch_size)
             for observe in self.observers:
                 observe(self, stats)
             self.after_step()
+            if self.step == first < self.args.steps and first % self.args.log_every:
+                self.meter.eta(first, self.args.steps)      # at once, not at the first log line
         print(f"done: samples in {self.folder.path / 'samples'}, checkpoint "
               f"{self.folder.path / 'last.pt'}")
 
@@ -1081,6 +1216,9 @@ class Run:
                 sampler = self.nets["G_ema"] if args.ema else G.eval()  # running statistics
                 self.folder.picture(sampler(*self.fixed), f"samples/{step:06d}.png")
             G.train()
+            if self.meter.rows:                             # log.csv's picture, with each grid
+                self.folder.write("loss.png", plot, self.meter.rows, self.meter.header,
+                                  self.folder.path / "loss.png")
         keep = args.keep_every or max(1, args.steps // 5)   # by default a run keeps five snapshots
         snapshots = [self.folder.path / f"step_{step:06d}.pt"] if step % keep == 0 else []
         if step % args.ckpt_every == 0 or last or stop or snapshots:
@@ -1091,6 +1229,31 @@ class Run:
                   f"{self.folder.path}/step_*.pt" if stop == 3 else
                   f"continue with: {continue_command(self)}"))
             raise SystemExit(stop)
+
+
+def fits(args, ckpt):
+    """On --resume: the checkpoint's G and D fit the models of these flags, or one line names the
+    flags typed otherwise."""
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
+    differ = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (it has {saved[k]})"
+                       for k in args.given if k in saved and saved[k] != getattr(args, k))
+    for name, net in zip("GD", build_models(args)):
+        load_state(net, ckpt[name], name, differ)
+
+
+def same_data(args, ckpt, data):
+    """On --resume: the data the run was trained on (its folder or dataset, as many images, the same
+    classes), else one line, or, if --data was typed, a word and on. Records the count."""
+    n, saved, args.images = len(data["images"]), (ckpt or {"args": {}})["args"], len(data["images"])
+    theirs = (ckpt or {}).get("classes", data["classes"])
+    check(theirs == data["classes"], f"the checkpoint was trained on the classes "
+          f"{', '.join(theirs or [])}; this data has {', '.join(data['classes'] or [])}")
+    if ckpt and (origin(saved.get("data", args.data)), saved.get("images", n)) != (
+            origin(args.data), n):
+        said = (f"the run was trained on {saved.get('data')} ({saved.get('images', n):,} images); "
+                f"this is {args.data} ({n:,} images)")
+        check("data" in args.given, f"{said}: to train on it anyway, give --data {args.data}")
+        print(f"{said}: training on it, as --data says")
 
 
 def continue_command(run):

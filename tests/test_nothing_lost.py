@@ -158,9 +158,9 @@ def test_a_checkpoint_with_a_key_taken_out(drop, x, tmp_path):
 
 def test_a_checkpoint_with_flags_edited_by_hand(x, tmp_path):
     """A flag of the wrong type, or out of range, is refused as if it had been given."""
-    for key, value, said in (("latent_dim", "eight", "its --latent-dim is 'eight'"),
-                             ("latent_dim", -3, "--latent-dim must be a positive integer"),
-                             ("lr", float("inf"), "--lr must be a finite number")):
+    for key, value, said in (("latent_dim", "eight", "--latent-dim: invalid int value: 'eight'"),
+                             ("latent_dim", -3, "refused: --latent-dim must be in 1..2,147,483,648"),
+                             ("lr", float("inf"), "refused: --lr must be a finite number")):
         ckpt = load(x / "last.pt")
         ckpt["args"][key] = value
         torch.save(ckpt, tmp_path / "edited.pt")
@@ -353,7 +353,8 @@ def test_generate_never_replaces_generated_images(x, tmp_path):
     train("--generate", 2, "--ckpt", x / "last.pt", "--out", "gen")
     before = files(tmp_path / "gen")
     msg = error_of(S, "--generate", 2, "--ckpt", x / "step_000004.pt", "--out", "gen")
-    assert "holds generated images already" in msg and files(tmp_path / "gen") == before
+    assert "gen holds 000000.png already" in msg and "--out gen-2" in msg
+    assert files(tmp_path / "gen") == before
 
 
 def test_a_full_disk_keeps_the_whole_log(x, monkeypatch):
@@ -378,8 +379,8 @@ def test_a_full_disk_keeps_the_whole_log(x, monkeypatch):
 @pytest.mark.parametrize("edit, said", [
     (lambda c: c.update(step=-5), "not a whole checkpoint (edited by hand?): step"),
     (lambda c: c.update(step=True), "not a whole checkpoint (edited by hand?): step"),
-    (lambda c: c["args"].update(betas=[0.5]), "its --betas is [0.5]"),
-    (lambda c: c["args"].update(lr=[0.1]), "its --lr is [0.1]"),
+    (lambda c: c["args"].update(betas=[0.5]), "--betas: expected 2 arguments"),
+    (lambda c: c["args"].update(lr=[0.1]), "--lr: invalid float value: '[0.1]'"),
     (lambda c: c.update(fixed_noise=torch.randn(64, 50)), "fixed noise has the wrong shape"),
     (lambda c: c["opt_G"]["state"][0].update(exp_avg=c["opt_G"]["state"][0]["exp_avg"][:1]),
      "an optimizer's state does not fit its parameters")], ids=str)
