@@ -249,7 +249,7 @@ MUTANTS = [
     ("kernels: penalty summed over the batch", "kernels/gradient_penalty.py",
      "return weight * d.square().mean()", "return weight * d.square().sum()", KERNELS),
     ("kernels: clipping to [-c, 2c]", "kernels/clip.py",
-     "        p.clamp_(-c, c)", "        p.clamp_(-c, 2 * c)", KERNELS),
+     "torch._foreach_clamp_max_(tensors, c)", "torch._foreach_clamp_max_(tensors, 2 * c)", KERNELS),
 ]
 
 
