@@ -150,7 +150,9 @@ def build_models(args):
 def critic_penalty(D, real, fake, weight, one_sided=False):
     """lambda * E[(||grad_x_hat D(x_hat)||_2 - 1)^2] on x_hat = eps * x + (1 - eps) * G(z)."""
     eps = torch.rand(real.size(0), 1, 1, 1, device=real.device, dtype=real.dtype)  # one per image
-    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    # x_hat = eps * real + (1 - eps) * fake, as one kernel: lerp(fake, real, eps) (--amp: G's bf16
+    # output is interpolated in the real images' float32, as the sum's type promotion did)
+    x_hat = torch.lerp(fake.to(real.dtype), real, eps).requires_grad_(True)
     # create_graph: the penalty is a function of D's weights through this gradient, so that
     # L_D.backward() differentiates through it (a double backward)
     (grads,) = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)

@@ -9,8 +9,9 @@ Rows:
       B in {64, 256, 1024} x per-sample size in {1x28x28, 3x64x64, 3x128x128}:
       eager (the reference, impl="torch"), torch.compile of it, Triton (impl="triton").
   clip_weights_, float32, c=0.01, on a DCGAN 64x64 critic, an MLP critic and 100M parameters in
-      1000 tensors: a per-parameter clamp_ loop (eager, = the reference),
-      torch._foreach_clamp_min_/max_, torch.compile of the loop, Triton (impl="triton").
+      1000 tensors: a per-parameter clamp_ loop (eager, the "vs eager" baseline),
+      torch._foreach_clamp_min_/max_ (= the reference, impl="torch"), torch.compile of the loop,
+      Triton (impl="triton").
 "(graph)" rows replay the same call from a CUDA graph: no host time per launch, as inside a
 --cuda-graph training step, so they show what the GPU itself spends.
 Times are medians of triton.testing.do_bench (which clears the L2 cache before every call). GB/s

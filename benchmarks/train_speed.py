@@ -3,7 +3,8 @@ GPU; --device cpu runs it too, to check the benchmark itself).
 
     python benchmarks/train_speed.py                       # everything: about 30-60 min on an H100
     python benchmarks/train_speed.py --scripts dcgan.py wgan_gp.py --modes eager graph
-    python benchmarks/train_speed.py --preset gpu-check    # the GPU issue's matrix, a few minutes
+    python benchmarks/train_speed.py --preset gpu-check    # the GPU check's runs, about 2 minutes
+    python benchmarks/train_speed.py --preset gpu-check-64 # its optional 64 px runs, about 3
 
 Each configuration runs the script as a user does, a subprocess (or, with --in-process, main([...])
 in this process, which saves each run the imports): on --data mnist at 32x32 (the bundled
@@ -11,11 +12,13 @@ mnist-mini when MNIST is not under --data-root) and on a folder of 2,000 random 
 once, for --steps generator updates with a log line every --log-every steps. "img/s" is the median
 of the log lines after the first (the steady state): real images per second, which for the critics
 counts their n_critic batches. "vs eager" divides it by the same script's eager run with the same
-kernels. "first log" is the seconds from the run's start to its first log line: data, models,
-compilation or capture, cudnn's autotuning and the first --log-every steps. Modes: eager, graph
-(--cuda-graph), amp (--amp), compile (--compile) and their pairs. wgan.py and wgan_gp.py run once
-with GAN_KERNELS=triton (the Triton kernels) and once with GAN_KERNELS=torch (the reference);
-wgan.py with --no-critic-warmup, so that every step is the steady one.
+kernels and batch size. "first log" is the seconds from the run's start to its first log line:
+data, models, compilation or capture, cudnn's autotuning and the first --log-every steps. Modes:
+eager, graph (--cuda-graph), amp (--amp), compile (--compile) and their pairs. wgan.py and
+wgan_gp.py run once with GAN_KERNELS=triton (the Triton kernels) and once with GAN_KERNELS=torch
+(the reference); wgan.py with --no-critic-warmup, so that every step is the steady one. A run that
+fails, in any way, puts its error (the exception's type and first line) in its row's img/s column,
+and the table goes on.
 
 The "plain loop" rows (dcgan.py, wgan_gp.py) train the same models as most repositories do: a
 DataLoader from host memory, eager float32, loss.item() every step (a host sync).
@@ -42,10 +45,18 @@ SCRIPTS = ["vanilla_gan.py", "dcgan.py", "cgan.py", "acgan.py", "wgan.py", "wgan
 MODES = {"eager": [], "graph": ["--cuda-graph"], "amp": ["--amp"],
          "amp+graph": ["--amp", "--cuda-graph"], "compile": ["--compile"],
          "amp+compile": ["--amp", "--compile"]}
-# --preset gpu-check: the GPU issue's runs, at the papers' batch sizes and 32 and 64 px; --amp with
-# the reference kernels only (to fit the check's minutes)
-GPU_CHECK = {"dcgan.py": ["eager", "graph", "amp", "amp+graph"], "wgan.py": ["eager", "graph"],
-             "wgan_gp.py": ["eager", "graph", "amp"]}
+# The presets (in-process, no plain-loop rows): (script, batch size, modes), the most telling first,
+# so that a time limit loses the least: --preset gpu-check, 32 px MNIST, eager against --cuda-graph
+# for dcgan.py and wgan_gp.py at batch 128 and 64 (wgan_gp.py with the Triton penalty and the
+# reference); --preset gpu-check-64, the optional second check, 64 px random images at the papers'
+# batch sizes, with wgan.py's clipping and one --amp run.
+EAGER_GRAPH = ["eager", "graph"]
+PRESETS = {
+    "gpu-check": (32, [("dcgan.py", 128, EAGER_GRAPH), ("wgan_gp.py", 64, EAGER_GRAPH),
+                       ("dcgan.py", 64, EAGER_GRAPH), ("wgan_gp.py", 128, EAGER_GRAPH)]),
+    "gpu-check-64": (64, [("dcgan.py", 128, EAGER_GRAPH + ["amp+graph"]),
+                          ("wgan_gp.py", 64, EAGER_GRAPH), ("wgan.py", 64, EAGER_GRAPH)]),
+}
 SPEED = re.compile(r"\| ([\d,]+) img/s \|")
 
 
@@ -106,6 +117,8 @@ def run_in_process(script, argv, env):
         with contextlib.redirect_stdout(lines), contextlib.redirect_stderr(err):
             module.main(argv)
     except SystemExit as e:
+        if e.code in (130, 143):                           # Ctrl-C or SIGTERM (a time limit)
+            return {"error": f"stopped by signal {e.code - 128}", "signal": e.code - 128}
         if e.code:
             return {"error": str(e.code)[:70]}
     finally:
@@ -128,13 +141,13 @@ def load(script):
     return sys.modules[name]
 
 
-def plain_loop(script, data_arg, args):
+def plain_loop(script, data_arg, args, flags=()):
     """The same models, trained as most repositories do: DataLoader, float32, .item() per step."""
     sys.path.insert(0, str(REPO))
     m = load(script)
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
-    a = m.parse_args(["--data", str(data_arg), "--data-root", args.data_root])
+    a = m.parse_args(["--data", str(data_arg), "--data-root", args.data_root, *flags])
     with contextlib.redirect_stdout(io.StringIO()):       # (its "data: ..." line)
         images = m.load_data(a, torch.device("cpu"))["images"].float() / 127.5 - 1
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), shuffle=True,
@@ -185,25 +198,30 @@ def main(argv=None):
     p.add_argument("--scripts", nargs="+", default=SCRIPTS)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 64], choices=[32, 64])
+    p.add_argument("--batch-size", type=int, help="every run's (default: each script's own)")
     p.add_argument("--steps", type=int, default=600, help="generator updates per run")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--data-root", default=".gpu/data", help="where MNIST/raw is (else mnist-mini)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plain", action="store_true", help="skip the plain-loop rows")
     p.add_argument("--in-process", action="store_true", help="main([...]) here, not a subprocess")
-    p.add_argument("--preset", choices=["gpu-check"], help="the GPU issue's matrix (in-process)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="a GPU check's runs (in-process, no plain-loop rows; see PRESETS)")
     p.add_argument("--markdown", help="also write the table to this file")
     args = p.parse_args(argv)
     if args.preset:
-        args.scripts, args.in_process = list(GPU_CHECK), True
+        size, runs = PRESETS[args.preset]
+        args.sizes, args.in_process, args.no_plain = [size], True, True
+    else:
+        runs = [(script, args.batch_size, args.modes) for script in args.scripts]
     work = Path(tempfile.mkdtemp(prefix="train_speed-"))
     folder = random_folder(work / "random64") if 64 in args.sizes else None
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" \
         else "CPU"
     print(f"{name}, torch {torch.__version__}; {args.steps} steps per run, median img/s of the log "
           f"lines after the first", flush=True)
-    header = f"| {'script':<14} | {'data':<9} | {'mode':<11} | {'kernels':<7} | {'img/s':>9} | " \
-             f"{'vs eager':>8} | {'first log (s)':>13} |"
+    header = f"| {'script':<14} | {'data':<9} | {'batch':>5} | {'mode':<11} | {'kernels':<7} | " \
+             f"{'img/s':>9} | {'vs eager':>8} | {'first log (s)':>13} |"
     rule = "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"
     print(header + "\n" + rule)
     if args.markdown:
@@ -211,35 +229,42 @@ def main(argv=None):
     sys.path.insert(0, str(REPO))                          # the scripts' `from kernels import`
     for size in args.sizes:
         data = "mnist" if size == 32 else folder
-        for script in args.scripts:
+        for script, batch, modes in runs:
+            batch_flags = ["--batch-size", str(batch)] if batch else []
+            where = (f"{size}x{size}", batch or "paper")
             for kernels in (["triton", "torch"] if script in ("wgan.py", "wgan_gp.py") else ["-"]):
                 eager = None
-                modes = GPU_CHECK[script] if args.preset else args.modes
-                for mode in [m for m in modes if not (args.preset and kernels == "triton"
-                                                      and "amp" in m)]:
+                for mode in modes:
                     env = {"GAN_KERNELS": kernels} if kernels != "-" else {}
-                    flags = MODES[mode] + (["--img-size", "64"] if size == 64 else [])
-                    out = work / f"{script}-{size}-{mode}-{kernels}"
-                    r = run_script(script, data, flags, env, args, out)
-                    row(script, f"{size}x{size}", mode, kernels, r, eager, args.markdown)
+                    flags = MODES[mode] + (["--img-size", "64"] if size == 64 else []) + batch_flags
+                    out = work / f"{script}-{size}-{batch}-{mode}-{kernels}"
+                    r = attempt(run_script, script, data, flags, env, args, out)
+                    row(script, *where, mode, kernels, r, eager, args.markdown)
+                    if r.get("signal"):                    # the check's time limit: stop here
+                        sys.exit(128 + r["signal"])
                     eager = r.get("ips") if mode == "eager" else eager
             if script in ("dcgan.py", "wgan_gp.py") and not args.no_plain:
-                try:
-                    row(script, f"{size}x{size}", "plain loop", "torch" if "gp" in script else "-",
-                        plain_loop(script, data, args), None, args.markdown)
-                except Exception as e:
-                    row(script, f"{size}x{size}", "plain loop", "-", {"error": str(e)[:70]}, None,
-                        args.markdown)
+                r = attempt(plain_loop, script, data, args, batch_flags)
+                row(script, *where, "plain loop", "torch" if "gp" in script else "-", r, None,
+                    args.markdown)
 
 
-def row(script, data, mode, kernels, r, eager, markdown=None):
+def attempt(fn, *a):
+    """fn(*a), or its failure as a row's error: one failing run must not lose the table."""
+    try:
+        return fn(*a)
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:90]}
+
+
+def row(script, data, batch, mode, kernels, r, eager, markdown=None):
+    where = f"| {script:<14} | {data:<9} | {batch:>5} | {mode:<11} | {kernels:<7} |"
     if "error" in r:
-        line = f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['error']} |"
+        line = f"{where} {r['error']} |"
     else:
         ratio = f"{r['ips'] / eager:7.2f}x" if eager else f"{'':>8}"
         first = f"{r['first']:13.1f}" if r["first"] else f"{'':>13}"
-        line = (f"| {script:<14} | {data:<9} | {mode:<11} | {kernels:<7} | {r['ips']:9,.0f} | "
-                f"{ratio} | {first} |")
+        line = f"{where} {r['ips']:9,.0f} | {ratio} | {first} |"
     print(line, flush=True)
     if markdown:
         with open(markdown, "a") as f:

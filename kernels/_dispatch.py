@@ -28,9 +28,11 @@ ENV_VAR = "GAN_KERNELS"
 # Both kernels lost there: the loop was bound by the host's time per launch, and a Triton launch
 # from Python costs more of it than the reference's few ATen ops (wgan_gp.py 4.8k critic img/s
 # with the penalty kernel, 5.0k with the reference; wgan.py --no-critic-warmup 11.0k with the clip
-# kernel, 14.2k with the reference). benchmarks/gpu_check.sh measures both ops again, eager and
-# inside a captured step (--cuda-graph), where a launch costs no host time; set "triton" here for
-# an op where the kernel then wins.
+# kernel, 14.2k with the reference, then a clamp_ per parameter). The clipping reference is now two
+# multi-tensor launches (torch._foreach_clamp_min_/_max_), not measured yet: no figure says the
+# kernel beats it, so "torch" stays. benchmarks/gpu_check.sh measures both ops again, eager and
+# inside a captured step (--cuda-graph), where a launch costs no host time; set "triton" here only
+# for an op where the kernel then wins end to end.
 AUTO_ON_CUDA = {"gradient_penalty": "torch", "clip_weights_": "torch"}
 # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when this package is imported
 INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -24,12 +24,13 @@ def clip_weights_(params, c, impl="auto"):
             not floating point are left alone.
     c:      the bound (WGAN: 0.01).
     impl:   "auto" (default): on CUDA tensors the path that was faster end to end (see
-            kernels/_dispatch.py), else the PyTorch reference (`p.clamp_(-c, c)` under no_grad);
+            kernels/_dispatch.py), else the PyTorch reference (`p.clamp_(-c, c)` for every p,
+            as torch._foreach_clamp_min_ and _foreach_clamp_max_ on the list, under no_grad);
             "triton": the kernel, one launch per (device, dtype) (CPU tensors only under
             TRITON_INTERPRET=1); "torch": the reference. GAN_KERNELS=torch or =triton makes
             "auto" take that path.
     The result is bit-equal to torch.clamp; the bounds are converted to the parameter dtype once, as
-    clamp_ does. A non-contiguous (or not 16-byte aligned) parameter is clamped with clamp_.
+    clamp_ does. A non-contiguous (or not 16-byte aligned) parameter is clamped by the reference.
     """
     params = list(params)
     c = float(c)
@@ -60,8 +61,11 @@ def clip_weights_(params, c, impl="auto"):
 # %% The PyTorch reference
 @torch.no_grad()
 def _clip_torch_(tensors, c):
-    for p in tensors:
-        p.clamp_(-c, c)
+    # p.clamp_(-c, c) for every p, in two multi-tensor launches on CUDA (one per tensor where
+    # devices or dtypes are mixed, and on CPU): bit-equal to clamp_, NaN kept; no table, no cache
+    if tensors:
+        torch._foreach_clamp_min_(tensors, -c)
+        torch._foreach_clamp_max_(tensors, c)
 
 
 # %% The Triton path: the table of blocks, cached per parameter list, then the kernel
@@ -72,7 +76,8 @@ NUM_WARPS = 8
 
 
 class _Group:
-    """The parameters of one (device, dtype): `dense` ones go to the kernel, `strided` to clamp_."""
+    """The parameters of one (device, dtype): `dense` ones go to the kernel, `strided` to the
+    reference."""
 
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype

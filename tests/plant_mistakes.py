@@ -162,7 +162,8 @@ MUTANTS = [
     ("wgan_gp: one eps for the batch", "wgan_gp.py",
      "eps = torch.rand(real.size(0), 1, 1, 1,", "eps = torch.rand(1, 1, 1, 1,", FORMULAS),
     ("wgan_gp: x_hat off the real-fake line", "wgan_gp.py",
-     "x_hat = (eps * real + (1 - eps) * fake)", "x_hat = (eps * real + eps * fake)", FORMULAS),
+     "x_hat = torch.lerp(fake.to(real.dtype), real, eps)",
+     "x_hat = (eps * real + eps * fake.to(real.dtype))", FORMULAS),
     ("wgan_gp: Wasserstein sign flipped", "wgan_gp.py",
      "wasserstein = D_fast(real).mean() - D_fast(fake).mean()",
      "wasserstein = D_fast(fake).mean() - D_fast(real).mean()", FORMULAS),
@@ -249,7 +250,7 @@ MUTANTS = [
     ("kernels: penalty summed over the batch", "kernels/gradient_penalty.py",
      "return weight * d.square().mean()", "return weight * d.square().sum()", KERNELS),
     ("kernels: clipping to [-c, 2c]", "kernels/clip.py",
-     "        p.clamp_(-c, c)", "        p.clamp_(-c, 2 * c)", KERNELS),
+     "torch._foreach_clamp_max_(tensors, c)", "torch._foreach_clamp_max_(tensors, 2 * c)", KERNELS),
 ]
 
 

@@ -2,11 +2,11 @@
 one line and trains exactly as without it; on a GPU (these tests skip elsewhere) the captured step
 computes what the eager one does, resumes as the README says, and never syncs the host, for one
 script of each loss family: BCE (dcgan.py), the critic with its double backward (wgan_gp.py) and
-the energy (ebgan.py)."""
+the energy (ebgan.py); and a step that cannot be captured trains on eagerly, said in one line."""
 import pytest
 import torch
 
-from common import data_for, load, load_script, run, tensors_equal
+from common import REPO, TINY, data_for, load, load_script, run, run_subprocess, tensors_equal
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a GPU")
@@ -77,3 +77,31 @@ def test_replays_never_sync_the_host(script, tmp_path, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert load(tmp_path / "out" / "last.pt")["step"] == 10
+
+
+@needs_cuda
+def test_a_step_that_cannot_be_captured_trains_eagerly_and_says_why(tmp_path):
+    """A host sync (.item()) planted in dcgan.py's step: the capture fails at that sync, and CUDA
+    then fails the capture's end "due to a previous error during capture". The run goes on eagerly
+    after one warning line that names the first error (the sync), not the second, and ends with
+    exit 0 and last.pt; or it stops with one error line that names it. Never a traceback. (A copy
+    of the script runs in a subprocess: a failed capture leaves no CUDA state to other tests.)"""
+    text = (REPO / "dcgan.py").read_text()
+    end_of_step = "        opt_G.step()\n        return dict("
+    assert text.count(end_of_step) == 1
+    planted = end_of_step.replace("\n", "\n        loss_G.item()  # planted: a host sync\n", 1)
+    (tmp_path / "dcgan.py").write_text(text.replace(end_of_step, planted))
+    p = run_subprocess(tmp_path / "dcgan.py", *TINY["dcgan.py"], "--data",
+                       data_for("dcgan.py", tmp_path), "--device", "cuda", "--steps", 8,
+                       "--cuda-graph", "--log-every", 4, "--out", "out", cwd=tmp_path,
+                       env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    if p.returncode == 0:
+        assert load(tmp_path / "out" / "last.pt")["step"] == 8
+        said = [line for line in p.stderr.splitlines() if "cuda-graph" in line]
+        assert len(said) == 1, p.stderr[-3000:]
+    else:                                                # or it stops, in one line
+        said = p.stderr.strip().splitlines()[-1:]
+        assert said and said[0].startswith("dcgan.py: error: "), p.stderr[-3000:]
+    assert any(word in said[0] for word in ("item", "sync", "not permitted", "capturing")), said
+    assert "previous error" not in said[0], said          # the consequence, not the cause

@@ -309,12 +309,32 @@ def test_clip_bumps_the_version_counter():
     assert p._version > before
 
 
-def test_clip_fallback_is_clamp():
-    params = clip_params(torch.float32, 0.2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16],
+                         ids=str)
+def test_clip_fallback_is_clamp(dtype):
+    """The reference (torch._foreach_clamp_min_ then _foreach_clamp_max_ on the list) is bit-equal
+    to p.clamp_(-c, c): bounds in the parameter dtype, NaN kept (not clamped to a bound)."""
+    params = clip_params(dtype, 0.2)
     expected = expected_clamp(params, 0.2)
+    versions = [p._version for p in params]
     clip_weights_(iter(params), 0.2, impl="torch")
     for p, e in zip(params, expected):
         assert torch.equal(as_bits(p), e)
+    assert params[-1].view(-1)[8].isnan()                   # clip_params' NaN
+    assert all(p._version > v for p, v in zip(params, versions))  # autograd sees the change
+
+
+def test_clip_fallback_mixed_dtypes_empty_and_integer_tensors():
+    """A list of several dtypes, an empty tensor, an integer one (left alone) and an empty list."""
+    mixed = clip_params(torch.float64, 0.3) + clip_params(torch.float16, 0.3)
+    mixed += [nn.Parameter(torch.empty(0, device=DEVICE)),
+              nn.Parameter(torch.full((3,), 7, device=DEVICE), requires_grad=False)]
+    expected = expected_clamp(mixed[:-1], 0.3)
+    clip_weights_(mixed, 0.3, impl="torch")
+    for p, e in zip(mixed, expected):
+        assert torch.equal(as_bits(p), e)
+    assert mixed[-1].tolist() == [7, 7, 7]
+    clip_weights_([], 0.3, impl="torch")
 
 
 # %% Dispatch

@@ -182,6 +182,21 @@ def test_penalty_on_the_scripts_critic_uses_per_sample_gradients():
     assert any(g.abs().max() > 0 for g in grads_script)     # the penalty does train the critic
 
 
+def test_penalty_interpolates_bf16_fakes_in_float32():
+    """--amp: G's output is bf16, the real images float32. x_hat is taken in float32, as
+    eps * x + (1 - eps) * G(z) gives it by type promotion (torch.lerp refuses mixed dtypes)."""
+    module = load_script("wgan_gp.py")
+    D = QuadraticCritic(torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.2))
+    real = torch.rand(3, 1, 4, 4) * 2 - 1
+    fake = (torch.rand(3, 1, 4, 4) * 2 - 1).bfloat16()
+    torch.manual_seed(7)
+    penalty = module.critic_penalty(D, real, fake, weight=10.0)
+    torch.manual_seed(7)
+    reference = module.critic_penalty(D, real, fake.float(), weight=10.0)
+    assert penalty.dtype == torch.float32
+    torch.testing.assert_close(penalty, reference, rtol=0, atol=0)
+
+
 def test_wgan_gp_has_no_clip_flag():
     """A known mistake of popular repositories: a --clip flag that WGAN-GP never uses."""
     assert "clip" in vars(load_script("wgan.py").parse_args([]))
