@@ -159,7 +159,7 @@ def test_a_checkpoint_with_a_key_taken_out(drop, x, tmp_path):
 def test_a_checkpoint_with_flags_edited_by_hand(x, tmp_path):
     """A flag of the wrong type, or out of range, is refused as if it had been given."""
     for key, value, said in (("latent_dim", "eight", "--latent-dim: invalid int value: 'eight'"),
-                             ("latent_dim", -3, "refused: --latent-dim must be in 1..2,147,483,648"),
+                             ("latent_dim", -3, "refused: --latent-dim must be in 1..2,147,483"),
                              ("lr", float("inf"), "refused: --lr must be a finite number")):
         ckpt = load(x / "last.pt")
         ckpt["args"][key] = value
