@@ -202,8 +202,8 @@ def failing(m, args):
 # The same in every script down to the end marker, in parts with one job each: flags, data,
 # checkpoints, the run's folder, the meter (the log), the failing-training rule, the loop. The
 # source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
-import argparse, copy, csv, errno, gzip, hashlib, io, itertools, os, shlex  # noqa: E401
-import shutil, signal, struct, sys, time, warnings  # noqa: E401
+import argparse, copy, csv, errno, gzip, hashlib, io, itertools, json, os  # noqa: E401
+import shlex, shutil, signal, struct, sys, time, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext, suppress
 from pathlib import Path
@@ -221,6 +221,7 @@ CLASSES = {"fashion-mnist": "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shir
                             "Ankle boot",
            "cifar10": "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+DECODE_CHUNK = 2048                     # images decoded between two notes of the decode's progress
 IPYTHON = sys.modules.get("IPython")    # a Jupyter kernel (Colab, Kaggle): argv is the kernel's
 NOTEBOOK = IPYTHON is not None and hasattr(IPYTHON.get_ipython(), "kernel")  # and errors print
 OWN_FLAGS = {"resume", "generate", "ckpt", "label", "device", "out", "given", "argv"}  # not resumed
@@ -293,6 +294,8 @@ def make_parser(doc):
     g = p.add_argument_group("shared by every script").add_argument
     g("--data", default="mnist", help="mnist, fashion-mnist, cifar10, mnist-mini, or a folder")
     g("--data-root", default="./data", help="where named datasets are found or downloaded")
+    g("--data-in", default="auto", choices=("auto", "device", "host", "disk"),
+      help="where the images live: auto takes the first they fit in (README: Data)")
     g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} (MNIST-like), {PHOTO_IMG_SIZE} (a "
                                    f"folder)")
     g("--channels", type=int, choices=(1, 3), help="default: the data's")
@@ -428,25 +431,65 @@ def make_dir(out):
 
 # %% Data
 def load_data(args, device):
-    """uint8 images (N, C, H, W), int64 labels (cgan.py, acgan.py) and class names, kept on the
-    training device when they fit, so that a batch is an index into them, not a DataLoader."""
-    load = load_named if args.data in DATASETS else load_folder
-    images, labels, classes = load(args, device)
+    """uint8 images (N, C, H, W), int64 labels (cgan.py, acgan.py) and class names. The images live
+    where they fit (--data-in, said in the data line): on the training device, so that a batch is
+    an index into them, not a DataLoader; in host memory; or in the decode cache on disk, mapped
+    into memory. The random batches are the same wherever they live."""
+    images, labels, classes = (load_named if args.data in DATASETS else load_folder)(args, device)
+    need = images.nbytes if isinstance(images, np.ndarray) else images.numel()
+    host = need < free_memory() / 2                         # leaving room for the process
+    fits = need < torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else host
+    where = {"auto": "device" if fits else "host" if host else "disk"}.get(args.data_in,
+                                                                           args.data_in)
+    where = "host" if where == "disk" and not isinstance(images, np.memmap) else where
+    where = "device" if where == "host" and device.type != "cuda" else where  # (one memory)
+    check(where == "disk" or device.type == "cuda" and where == "device" or need < free_memory(),
+          f"the images need {need / 1e9:.1f} GB of memory, {free_memory() / 1e9:.1f} GB are free: "
+          f"a smaller --img-size, or --data-in disk")
     about = f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""
     print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x"
-          f"{args.img_size}{about}")
-    if device.type == "cuda" and images.numel() > torch.cuda.mem_get_info(device)[0] / 2:
-        warn("the images fill over half of the free GPU memory; sampling them from host memory")
-        images, device = images.pin_memory(), torch.device("cpu")
+          f"{args.img_size}{about}, " + {"device": f"in {device.type} memory", "host": "in host "
+                                         "memory", "disk": "on disk (the decode cache)"}[where])
     labels = labels.to(device) if CONDITIONAL else None
-    return {"images": images.to(device), "labels": labels, "classes": classes}
+    return {"images": place(images, where, device), "labels": labels, "classes": classes}
+
+
+def place(images, where, device):
+    """The images as a tensor where they live: the cache's memory map itself (disk), or read into
+    host memory (pinned for CUDA) or onto the device 4,096 at a time, each chunk of the cache
+    mapped anew, so that they are never held twice."""
+    pin = where == "host" and device.type == "cuda"
+    if torch.is_tensor(images):                             # a named dataset's, resized already
+        images = images.to(device if where == "device" else "cpu")
+        return images.pin_memory() if pin else images
+    if where == "disk":
+        return torch.from_numpy(images)                     # (mapped copy-on-write: never written)
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device if where == "device" else
+                      "cpu", pin_memory=pin)
+    for i in range(0, len(images), 4096):
+        j = min(i + 4096, len(images))
+        chunk = np.load(images.filename, mmap_mode="r")[i:j] if isinstance(
+            images, np.memmap) else images[i:j]
+        out[i:i + len(chunk)] = torch.from_numpy(np.array(chunk))
+    return out
+
+
+def free_memory():
+    """The host memory that can still be had, in bytes (Linux: MemAvailable)."""
+    with suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
+        return 1024 * int(next(row for row in f if row.startswith("MemAvailable")).split()[1])
+    with suppress(AttributeError, ValueError, OSError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return float("inf")
 
 
 def sample_real(data, batch_size, device, with_labels=False):
-    """Random training images as floats in [-1, 1] (tanh's range), indexed on the device."""
-    idx = torch.randint(0, len(data["images"]), (batch_size,), device=data["images"].device)
-    x = data["images"][idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    return (x, data["labels"][idx].to(device)) if with_labels else x
+    """Random training images as floats in [-1, 1] (tanh's range). The indices are drawn on the
+    training device wherever the images live, so that every place gives the same batches."""
+    idx = torch.randint(0, len(data["images"]), (batch_size,), device=device)
+    x = data["images"][idx.to(data["images"].device)].to(device, non_blocking=True)
+    x = x.float().div_(127.5).sub_(1.0)
+    return (x, data["labels"][idx]) if with_labels else x
 
 
 def load_named(args, device="cpu"):
@@ -531,15 +574,15 @@ def load_mini(offline=""):
 
 
 def load_folder(args, device=None):
-    """Every image under the folder (recursively, through links; not hidden files, nor the outputs
-    of runs), short side resized and centre-cropped to --img-size, decoded once. In cgan.py and
-    acgan.py each first-level subfolder is a class."""
+    """Every image under the folder (recursively, through links, each folder once; not hidden
+    files, nor the folders of runs), short side resized and centre-cropped to --img-size, decoded
+    once. In cgan.py and acgan.py each first-level subfolder is a class, and only those are read."""
     root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
     check(root.is_dir(), f"--data {args.data} is a file; give the folder that holds the images")
     args.img_size, args.channels = args.img_size or PHOTO_IMG_SIZE, args.channels or 3
-    files, seen = [], set()                                 # (links followed, each folder once)
+    files, seen = [], set()
     for folder, dirs, names in os.walk(root, followlinks=True):
         if os.path.realpath(folder) in seen or ".lock" in names:  # a run's, --generate's folder
             dirs.clear()
@@ -547,47 +590,103 @@ def load_folder(args, device=None):
         seen.add(os.path.realpath(folder))
         dirs[:] = [d for d in dirs if d[0] != "."]
         files += [Path(folder, n) for n in names if n[0] != "." and n.lower().endswith(IMAGE_EXTS)]
-    files.sort()
-    check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}")
-    images, keep = decode_folder(root, files, args.img_size, args.channels)
-    if not keep.all():
-        warn(f"skipped {(~keep).sum()} of {len(files)} images that could not be read "
-             f"(the first: {files[keep.argmin()].name})")
+    outside = [f for f in files if CONDITIONAL and f.parent == root]  # cgan, acgan: not in a class
+    files = sorted(set(files) - set(outside))
+    check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}" + (
+        f" in class subfolders (e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)" if CONDITIONAL else ""))
+    images, bad, first = decode_folder(root, files, args.img_size, args.channels)
+    if bad:
+        warn(f"skipped {len(bad)} of {len(files)} images that could not be read (the first: "
+             f"{first})")
     if not CONDITIONAL:
-        return torch.from_numpy(images), None, None
-    parts = [f.relative_to(root).parts for f, k in zip(files, keep) if k]  # readable images only
-    classes = sorted({p[0] for p in parts if len(p) > 1})
+        return images, None, None
+    kept = [f.relative_to(root).parts[0] for i, f in enumerate(files) if i not in bad]
+    classes = sorted(set(kept))
     check(len(classes) > 1, f"{SCRIPT} needs the images in one subfolder per class, at least two, "
                             f"under {root} (e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)")
-    in_class = np.array([len(p) > 1 for p in parts])
     others = {d.name for d in root.iterdir() if d.is_dir() and d.name[0] != "."} - set(classes)
-    if others or not in_class.all():
-        warn(f"not used: {(~in_class).sum()} images outside class subfolders; the subfolders "
+    if others or outside:
+        warn(f"not used: {len(outside)} images outside class subfolders; the subfolders "
              f"without readable images: {', '.join(sorted(others)) or 'none'}")
-    labels = torch.tensor([classes.index(p[0]) for p in parts if len(p) > 1])
-    return torch.from_numpy(images[in_class]), labels, classes
+    return images, torch.tensor([classes.index(c) for c in kept]), classes
 
 
 def decode_folder(root, files, size, channels):
-    """The files decoded (in threads), or read from the cache outside the folder (it may be
-    read-only): one per folder and size, holding the files' names, sizes and times."""
+    """The files' images, decoded once (in threads, 2,048 at a time) straight into the decode cache,
+    a .npy file outside the folder (it may be read-only), beside a .json of its key (the files'
+    names, sizes and times) and of how far the decode got: a decode that was stopped goes on
+    where it was. Returns the readable images in order (the cache, mapped into memory), the
+    indices of the files that could not be read, and why the first could not."""
     try:
-        key = digest([(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                      for f in files])
+        key = digest([(str(f.relative_to(root)), s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+                      for f in files for s in [f.stat()]])  # (ctime: any write, kept mtime too)
     except OSError as e:                                    # a file went while the folder was read
         fail(f"{root} changed while it was read ({why(e)}); run again")
-    name = f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npz"
-    cache = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts") / name
-    images, keep = read_cache(cache, key)
-    if images is None:
-        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
-            decoded = list(pool.map(lambda f: decode_image(f, size, channels), files))
-        keep = np.array([not isinstance(d, str) for d in decoded])
-        check(keep.any(), f"none of the {len(files)} images under {root} is readable: {decoded[0]}")
-        images = np.ascontiguousarray(np.stack([d for d in decoded if not isinstance(d, str)]))
-        write_cache(cache, images=images, keep=keep, key=key)
-    return images, keep
+    folder = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts")
+    cache = folder / f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npy"
+    shape, side = (len(files), channels, size, size), cache.with_suffix(".json")
+    with suppress(OSError):
+        cache.with_suffix(".npz").unlink()                  # an older version's cache: replaced
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(cache.with_suffix(".lock"), "a")        # one decode at a time
+        with suppress(ImportError):
+            __import__("fcntl").flock(lock, 2)              # (LOCK_EX: waits for the other)
+        info, images = read_json(side), None
+        with suppress(OSError, ValueError):                 # (absent, or cut short)
+            images = np.lib.format.open_memmap(cache, "r") if info.get("key") == key else None
+        if images is not None and images.shape == shape and info["done"] < len(files):
+            images = np.lib.format.open_memmap(cache, "r+")  # (r+ would lengthen a cut file)
+        elif images is None or images.shape != shape:
+            if info.get("key") == key:
+                warn(f"the decode cache {cache} is damaged; decoding again")
+            info = {"key": key, "done": 0, "n": 0, "bad": [], "first": ""}
+            images = np.lib.format.open_memmap(cache, "w+", np.uint8, shape)
+            with suppress(AttributeError), open(cache, "r+b") as f:  # the disk space, now
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(cache))
+    except OSError as e:                                    # no room, a file in its place
+        need = np.prod(shape) / 1e9
+        warn(f"could not write the decode cache {cache} ({why(e)}; it needs {need:.1f} GB); "
+             f"decoding into memory, and again in the next run")
+        check(need * 1e9 < free_memory(), f"the images need {need:.1f} GB: free disk space there"
+                                          f", set GAN_CACHE_DIR, or a smaller --img-size")
+        info, side = {"done": 0, "n": 0, "bad": [], "first": ""}, None
+        images = np.empty(shape, np.uint8)
+    if 0 < info["done"] < len(files):
+        print(f"data: the decode goes on at {info['done']:,} of {len(files):,} images")
+    print(f"data: {info['n']} images from the decode cache {cache}" if info["done"] == len(files)
+          else f"data: decoded once, cached at {cache}" if side else "data: decoded into memory")
+    with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
+        for start in range(info["done"], len(files), DECODE_CHUNK):
+            for i, image in enumerate(pool.map(lambda f: decode_image(f, size, channels),
+                                               files[start:start + DECODE_CHUNK]), start):
+                if isinstance(image, str):                  # why it could not be read
+                    info["bad"].append(i)
+                    info["first"] = info["first"] or image
+                else:                                       # the readable ones, in order
+                    images[info["n"]] = image
+                    info["n"] += 1
+            info["done"] = min(start + DECODE_CHUNK, len(files))
+            if side:                                        # (the chunk first, then the word)
+                images.flush()
+                write_json(side, info)
+    check(info["n"], f"none of the {len(files)} images under {root} is readable: {info['first']}")
+    images = np.load(cache, mmap_mode="c") if side else images  # (mapped anew: nothing resident)
+    return images[:info["n"]], set(info["bad"]), info["first"]
+
+
+def read_json(path):
+    with suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return {}
+
+
+def write_json(path, value):
+    """Atomically: a temporary file, then a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def decode_image(path, size, channels):
@@ -607,40 +706,6 @@ def decode_image(path, size, channels):
 
 def digest(value):
     return hashlib.sha1(repr(value).encode()).hexdigest()[:12]
-
-
-def read_cache(cache, key):
-    """The decoded images, if the cache holds those of these files (key: names, sizes, times)."""
-    try:
-        with np.load(cache) as f:
-            if str(f["key"]) == key:                       # (each f[...] reads the file)
-                images, keep = f["images"], f["keep"]
-                print(f"data: {len(images)} images from the decode cache {cache}")
-                return images, keep
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    except Exception as e:                                  # truncated, or not a cache at all
-        warn(f"the decode cache {cache} is damaged ({why(e)}); decoding again")
-    return None, None
-
-
-def write_cache(cache, **arrays):
-    """Atomically (a temporary file, then a rename); partial files of killed runs are removed."""
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, cache)
-        for old in cache.parent.glob(f".{cache.name}.*.tmp"):
-            if time.time() - old.stat().st_mtime > 3600:
-                old.unlink(missing_ok=True)
-        print(f"data: decoded once, cached at {cache}")
-    except OSError as e:
-        warn(f"could not write the decode cache {cache} ({why(e)}); the next run decodes again")
-    finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)                     # also after Ctrl-C or SIGTERM
 
 
 # %% Checkpoints: load, save (with the random streams of every process), restore
