@@ -188,7 +188,7 @@ def failing(m, args):
 import argparse, copy, csv, errno, gzip, hashlib, io, itertools, json, os  # noqa: E401
 import shlex, shutil, signal, struct, sys, time, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, nullcontext, suppress
+from contextlib import closing, nullcontext, redirect_stderr, suppress
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +207,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DECODE_CHUNK = 2048                     # images decoded between two notes of the decode's progress
 IPYTHON = sys.modules.get("IPython")    # a Jupyter kernel (Colab, Kaggle): argv is the kernel's
 NOTEBOOK = IPYTHON is not None and hasattr(IPYTHON.get_ipython(), "kernel")  # and errors print
-OWN_FLAGS = {"resume", "generate", "ckpt", "label", "device", "out", "given", "argv"}  # not resumed
+OWN_FLAGS = {"resume", "generate", "eval", "ckpt", "label", "device", "out"}  # not resumed
 CKPT_KEYS = ("script", "step", "args", "G", "D", "opt_G", "opt_D", "fixed_noise", "rng")
 
 
@@ -248,8 +248,8 @@ def main(argv=None):
             stream.reconfigure(errors="backslashreplace")
     try:
         args = parse_args(argv)
-        if args.generate is not None:
-            return generate(args)
+        if args.generate is not None or args.eval:
+            return generate(args) if args.eval is False else judge_checkpoint(args)
         with closing(Run(args)) as run:
             return train(run)
     except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C before the handlers
@@ -295,9 +295,16 @@ def make_parser(doc):
     g("--cuda-graph", action="store_true", help="capture a whole step as one CUDA graph (CUDA)")
     g("--generate", type=int, metavar="N",
       help="write N images from --ckpt into --out (default: <its folder>/generated), then exit")
-    g("--ckpt", help="for --generate (default: runs/<script>[-<data>]/last.pt)")
+    g("--ckpt", help="for --generate, --eval (default: runs/<script>[-<data>]/last.pt)")
     if CONDITIONAL:
         g("--label", type=int, help="with --generate: draw only this class")
+    g("--eval", action="store_true", help="print --ckpt's FID, KID, precision, recall; then exit")
+    g("--eval-every", type=int, metavar="N", help="steps between evaluations (default: the "
+      "snapshots' interval on CUDA, 0 (none) elsewhere)")
+    g("--eval-samples", type=int, default=5000, metavar="N", help="G's images per evaluation")
+    g("--eval-features", default="inception-v3-compat", metavar="NAME",
+      help="torch-fidelity's feature extractor (e.g. dinov2-vit-l-14)")
+    g("--fid-weights", metavar="PATH", help="its weights, offline (default: torch hub's cache)")
     g("--keep-every", type=int, default=0, metavar="N",
       help="keep a snapshot step_<N>.pt every N steps (default: --steps / 5: five per run)")
     g("--stop-on-collapse", action="store_true",
@@ -315,8 +322,8 @@ def parse(p, argv):
     unset = object()
     typed = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
     given, args = sorted(k for k, v in typed.items() if v is not unset), p.parse_args(argv)
-    check(args.ckpt is None or args.generate is not None,
-          "--ckpt goes with --generate; to train on, --resume")
+    check(args.ckpt is None or args.generate is not None or args.eval,
+          "--ckpt goes with --generate or --eval; to train on, --resume")
     check(getattr(args, "label", None) is None or args.generate is not None,
           "--label goes with --generate")
     check(args.generate is None or args.generate > 0, f"--generate must be positive, got "
@@ -328,7 +335,7 @@ def parse(p, argv):
     out = expand(f"runs/{SCRIPT[:-3]}{tag}")                # by default, the run of this data
     source = args.resume or args.ckpt                       # a checkpoint, or its folder
     source = source and expand(source) / ("last.pt" if expand(source).is_dir() else "")
-    if args.resume is not None or args.generate is not None:
+    if args.resume is not None or args.generate is not None or args.eval:
         path = source or (expand(args.out) if args.resume is not None and args.out else out) / \
             "last.pt"
         ckpt = load_checkpoint(path)
@@ -367,11 +374,13 @@ def check_flags(p, args):
            for a in p._actions if a.type is float and not np.isfinite(getattr(args, a.dest)).all()]
     bad += [f"--{k.replace('_', '-')} must be in 1..{top:,}, got {getattr(args, k):,}"
             for k, top in dict(steps=2 ** 31, batch_size=65536, latent_dim=2 ** 31, log_every=2 **
-                               31, sample_every=2 ** 31, ckpt_every=2 ** 31).items()
+                               31, sample_every=2 ** 31, ckpt_every=2 ** 31,
+                               eval_samples=2 ** 31).items()
             if not 0 < getattr(args, k) <= top]
     bad += [msg for ok, msg in (
         (0 <= args.seed < 2 ** 63, f"--seed must be in 0..2^63-1, got {args.seed}"),
         (args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}"),
+        ((args.eval_every or 0) >= 0, f"--eval-every must not be negative, got {args.eval_every}"),
         (0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}"),
         (args.lr > 0, f"--lr must be positive, got {args.lr}"),
         (all(0 <= b < 1 for b in args.betas), f"--betas must lie in [0, 1), got {args.betas}"))
@@ -1089,6 +1098,117 @@ class FailingRule:
             return sign
 
 
+# %% Quality: FID, KID, precision and recall (torch-fidelity), metrics.csv, best.pt
+class Judge:
+    """G judged as the field judges GANs (README: Quality): the features of --eval-samples of its
+    images against those of up to 50,000 training images, as the model sees them (real.png's, the
+    features cached), give FID (Heusel et al. 2017), KID (Binkowski et al. 2018), precision and
+    recall (Kynkaanniemi et al. 2019), through torch-fidelity. G draws with a random stream of its
+    own and in eval mode: a judged run trains exactly as one that is not."""
+    RISE, TIMES = 1.25, 2                  # failing: FID 25% over its best at two in a row
+    HEADER = ["step", "fid", "kid", "kid_std", "precision", "recall", "samples", "seconds"]
+
+    def __init__(self, args, data, device, folder=None, step=0):
+        self.args, self.device, self.folder, self.worse = args, device, folder, 0
+        self.classes = len(data["classes"] or [0])
+        self.rows = folder and read_rows(folder, "metrics.csv", step)[1] or []
+        self.best = min([(r[1], r[0]) for r in self.rows], default=(float("inf"), 0))  # (FID, step)
+        self.fidelity = fidelity(args, device)
+        if isinstance(self.fidelity, str):                  # a run trains on; --eval stops
+            (warn if folder else fail)(self.fidelity)
+            self.fidelity = None
+        else:
+            images = data["images"]
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:50000]
+            real = images[pick.to(images.device)]
+            self.real = cached(f"{real.shape}-{digest(real[:256].cpu().numpy().tobytes())}-"
+                               f"{args.eval_features}.pt", lambda: self.features(real))
+
+    def features(self, images):
+        """uint8 images (N, C, H, W), 250 at a time -> the extractor's features (N, D)."""
+        extractor, _ = self.fidelity
+        with torch.no_grad():
+            return torch.cat([extractor(x.to(self.device, torch.uint8).expand(-1, 3, -1, -1))[0]
+                              .double().cpu() for x in images.split(250)])
+
+    def __call__(self, G, step=None):
+        """The figures for G now, by name; in a run also a row of metrics.csv, fid.png and the
+        progress line, then (whether this is the best FID so far, the failing sign or None)."""
+        args, (_, tf), t0, fakes = self.args, self.fidelity, time.time(), []
+        g, n = torch.Generator(self.device).manual_seed(args.seed), args.eval_samples
+        with torch.no_grad():
+            for i in range(0, n, 250):
+                z = torch.randn(min(250, n - i), args.latent_dim, generator=g, device=self.device)
+                labels = torch.arange(i, i + len(z), device=self.device) % self.classes
+                x = G(z, labels) if CONDITIONAL else G(z)   # the classes in turn, as --generate
+                fakes.append(self.features(x.float().add(1).mul(127.5).round().clamp(0, 255)))
+        fake, kw = torch.cat(fakes), dict(verbose=False, save_cpu_ram=True, prc_batch_size=1000,
+                                          kid_subset_size=min(1000, n, len(self.real)))
+        stats = [tf.metric_fid.fid_features_to_statistics(f) for f in (fake, self.real)]
+        fid = tf.metric_fid.fid_statistics_to_metric(*stats, False)["frechet_inception_distance"]
+        kid = tf.metric_kid.kid_features_to_metric(fake, self.real, **kw)
+        prc = tf.metric_prc.prc_features_to_metric(fake, self.real[:n], **kw)  # as many a side
+        m = dict(zip(self.HEADER[1:], (fid, *kid.values(), prc["precision"], prc["recall"], n,
+                                       round(time.time() - t0, 1))))
+        if step is None:
+            return m
+        best, self.rows = fid < self.best[0], self.rows + [[step, *m.values()]]
+        self.best, self.worse = (fid, step) if best else self.best, 0 if fid < self.RISE * min(
+            self.best[0], fid) else self.worse + 1
+        self.folder.append("metrics.csv", *[self.HEADER] * (len(self.rows) == 1), self.rows[-1])
+        self.folder.write("fid.png", plot, self.rows, self.HEADER, self.folder.path / "fid.png", 1)
+        print(f"[{step}/{args.steps}] FID {fid:.1f} KID {m['kid']:.4f} P {m['precision']:.2f} R "
+              f"{m['recall']:.2f}" + " (best)" * best, flush=True)
+        return best, self.worse >= self.TIMES and (f"FID rose from {self.best[0]:.1f} (step "
+                                                   f"{self.best[1]}, best.pt) to {fid:.1f}")
+
+
+def fidelity(args, device):
+    """torch-fidelity, imported on first use, and its feature extractor (--eval-features), made with
+    the random streams kept as they were; or why not, in one line."""
+    try:
+        import torch_fidelity as tf
+        layer = tf.registry.FEATURE_EXTRACTORS_REGISTRY[args.eval_features]
+        with torch.random.fork_rng([device] if device.type == "cuda" else []), \
+                redirect_stderr(io.StringIO()):             # (torch's "Downloading" line)
+            return tf.utils.create_feature_extractor(
+                args.eval_features, [layer.get_default_feature_layer_for_metric("fid")],
+                cuda=device.type == "cuda", feature_extractor_weights_path=args.fid_weights,
+                verbose=False), tf
+    except ImportError:
+        return "FID and the other figures need torch-fidelity: pip install torch-fidelity"
+    except KeyError:
+        return f"--eval-features {args.eval_features}: torch-fidelity has no such feature extractor"
+    except Exception as e:                                  # offline, and no weights
+        return (f"the weights of {args.eval_features} could not be had ({why(e)}): give "
+                f"--fid-weights PATH, or put the file in {torch.hub.get_dir()}/checkpoints")
+
+
+def cached(name, compute):
+    """A tensor kept in the decode cache's folder, computed once."""
+    path = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts") / name
+    with suppress(Exception):
+        return torch.load(path, weights_only=True)
+    value, tmp = compute(), path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with suppress(OSError, RuntimeError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    return value
+
+
+def judge_checkpoint(args):
+    """--eval: one checkpoint's figures and how they were had, printed; writes only a cache."""
+    device, ckpt = pick_device(args.device), args.checkpoint[1]
+    G = build_models(args)[0].to(device).eval()
+    load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")
+    judge = Judge(args, load_data(args, device), device)
+    m = judge(G)
+    print(" ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    print(f"FID, {args.eval_features} (torch-fidelity), {m['samples']:,} samples vs "
+          f"{len(judge.real):,} training images at {args.img_size}x{args.img_size}")
+
+
 # %% Fast paths: bf16 autocast, torchrun's DistributedDataParallel, torch.compile, CUDA graphs
 def fast_paths(run, G, D):
     """--amp's autocast (bf16, CUDA), torchrun's DistributedDataParallel, --compile, --cuda-graph:
@@ -1248,6 +1368,10 @@ class Run:
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
         self.folder.picture(images[pick.to(images.device)] / 127.5 - 1, "real.png")
         self.meter, self.failing, self.batches = Meter(self), FailingRule(), 0
+        every = args.eval_every if args.eval_every is not None else self.cuda and (
+            args.keep_every or max(1, args.steps // 5))     # CUDA: each snapshot judged
+        self.judge = every and Judge(args, self.data, self.device, self.folder, self.step)
+        self.judge = self.judge and self.judge.fidelity and (self.judge, every)
         return fast_paths(self, G, D)
 
     def real_batch(self):
@@ -1270,7 +1394,7 @@ class Run:
             if self.step == first < self.args.steps and first % self.args.log_every:
                 self.meter.eta(first, self.args.steps)      # at once, not at the first log line
         print(f"done: samples in {self.folder.path / 'samples'}, checkpoint "
-              f"{self.folder.path / 'last.pt'}")
+              f"{self.folder.path / 'last.pt'}" + self.best())
 
     def after_step(self):
         """In this order, which exact resume depends on: --ema's average, then the log line (where
@@ -1283,32 +1407,42 @@ class Run:
                                      1 - args.ema)
                 for copied, now in zip(self.nets["G_ema"].buffers(), G.buffers()):
                     copied.copy_(now)                       # BatchNorm's running statistics
-        stop, last = 0, step == args.steps
+        stop, last, sign, best = 0, step == args.steps, None, False
+        sampler = self.nets["G_ema"] if args.ema else G.eval()  # BatchNorm's running statistics
         if step % args.log_every == 0 or last or self.world == 1 and self.stop:
             means, stop = self.meter.line(step, args.steps, self.stop)
             sign = self.failing(means, step, args)
-            if sign:
-                warn(f"step {step}: training is failing: {sign}. Earlier snapshots are in "
-                     f"{self.folder.path}/step_<N>.pt; docs/long-runs.md has the remedies")
-                self.stop = stop = stop or (3 if args.stop_on_collapse else 0)
+        if self.judge and (step % self.judge[1] == 0 or last):
+            with torch.no_grad(), self.autocast:            # FID, KID, precision and recall
+                best, risen = self.judge[0](sampler, step)
+            sign = sign or risen
+        if sign:
+            warn(f"step {step}: training is failing: {sign}. Earlier snapshots are in "
+                 f"{self.folder.path}/step_<N>.pt; docs/long-runs.md has the remedies")
+            self.stop = stop = stop or (3 if args.stop_on_collapse else 0)
         if step % args.sample_every == 0 or last or stop:
             with torch.no_grad(), self.autocast:
-                sampler = self.nets["G_ema"] if args.ema else G.eval()  # running statistics
                 self.folder.picture(sampler(*self.fixed), f"samples/{step:06d}.png")
-            G.train()
             if self.meter.rows:                             # log.csv's picture, with each grid
                 self.folder.write("loss.png", plot, self.meter.rows, self.meter.header,
                                   self.folder.path / "loss.png")
+        G.train()
         keep = args.keep_every or max(1, args.steps // 5)   # by default a run keeps five snapshots
         snapshots = [self.folder.path / f"step_{step:06d}.pt"] if step % keep == 0 else []
-        if step % args.ckpt_every == 0 or last or stop or snapshots:
+        if step % args.ckpt_every == 0 or last or stop or snapshots or best:
             self.meter.check()
-            save_checkpoint(self, self.folder.path / "last.pt", *snapshots)
+            save_checkpoint(self, self.folder.path / "last.pt", *snapshots,
+                            *[self.folder.path / "best.pt"] * best)
         if stop:                                            # 3: failing training; a signal
             print(f"stopped at step {step}; " + (f"training is failing; snapshots: "
                   f"{self.folder.path}/step_*.pt" if stop == 3 else
-                  f"continue with: {continue_command(self)}"))
+                  f"continue with: {continue_command(self)}") + self.best())
             raise SystemExit(stop)
+
+    def best(self):
+        judge = self.judge and self.judge[0]
+        return judge and judge.rows and (f"; best: FID {judge.best[0]:.1f} at step "
+                                         f"{judge.best[1]}, {self.folder.path / 'best.pt'}") or ""
 
 
 def fits(args, ckpt):

@@ -30,7 +30,7 @@ def test_every_place_trains_the_same_and_resumes_exactly(where, data, tmp_path, 
     train("--data", data, "--steps", 4, "--out", "memory", "--data-in", "device")
     train("--data", data, "--steps", 4, "--out", "straight", "--data-in", where)
     said = {"device": "in cpu memory", "host": "in cpu memory", "disk": "on disk"}[where]
-    assert said in capsys.readouterr().out                  # (on a CPU, host memory is the device's)
+    assert said in capsys.readouterr().out                  # (a CPU: host memory is the device's)
     train("--data", data, "--steps", 2, "--out", "halves", "--data-in", where)
     train("--steps", 4, "--out", "halves", "--resume")
     a, b, c = (load(tmp_path / f / "last.pt") for f in ("memory", "straight", "halves"))
