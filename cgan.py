@@ -183,8 +183,8 @@ def failing(m, args):
 
 # %% Plumbing shared by every script ==============================================================
 # The same in every script down to the end marker, in parts with one job each: flags, data,
-# checkpoints, the run's folder, the meter (the log), the failing-training rule, the loop. The
-# source copy is dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
+# checkpoints, the run's folder and its logs, quality, the fast paths, the loop. The source copy is
+# dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
 import argparse, copy, csv, errno, gzip, hashlib, io, itertools, json, os  # noqa: E401
 import shlex, shutil, signal, struct, sys, time, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
@@ -212,8 +212,8 @@ CKPT_KEYS = ("script", "step", "args", "G", "D", "opt_G", "opt_D", "fixed_noise"
 
 
 def fail(msg):
-    """Bad input: one line on stderr and exit status 1, never a traceback."""
-    raise SystemExit(f"{SCRIPT}: error: " + msg.replace("\n", "\\n"))  # (a name's newline too)
+    """Bad input: one line on stderr (a newline in a name said as \\n) and exit status 1."""
+    raise SystemExit(f"{SCRIPT}: error: " + msg.replace("\n", "\\n"))
 
 
 def check(ok, msg):
@@ -226,14 +226,11 @@ def warn(msg):
 
 
 def why(e):
-    """An exception in one line. A first line that ends in ':' is followed by the reason: its
-    cause's, or the message's last line (torchvision's download error: the network's)."""
+    """An exception in one line; one ending in ':' with its reason (its cause, or last line)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
-    inner = e.__cause__ or e.__context__
-    if inner and lines[0][-1:] in ":":
-        return why(inner)
-    text = lines[0] + (f" {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
-    return f"{type(e).__name__}: {text}"[:200]
+    inner = lines[0][-1:] in ":" and (e.__cause__ or e.__context__)
+    tail = " " + lines[-1] if lines[0].endswith(":") and len(lines) > 1 else ""
+    return why(inner) if inner else f"{type(e).__name__}: {lines[0]}{tail}"[:200]
 
 
 def hms(seconds):
@@ -241,23 +238,21 @@ def hms(seconds):
 
 
 def main(argv=None):
-    """The command line's and a notebook's entry. In a notebook an error is one printed line and
-    main() returns, so that the next cell still runs."""
+    """The command line's and a notebook's entry (a notebook's error: one printed line, no exit)."""
     for stream in (sys.stdout, sys.stderr):                 # a name that is not UTF-8: \x..
         with suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")
     try:
         args = parse_args(argv)
         if args.generate is not None or args.eval:
-            return generate(args) if args.eval is False else judge_checkpoint(args)
+            return judge_checkpoint(args) if args.eval else generate(args)
         with closing(Run(args)) as run:
             return train(run)
     except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C before the handlers
         code = getattr(e, "code", 130)
-    except OSError as e:                                    # a name too long, a folder unreadable
-        code = f"{SCRIPT}: error: {why(e)}"
-    except MemoryError as e:
-        code = f"{SCRIPT}: error: out of memory ({why(e)}); --data-in disk keeps the images on disk"
+    except (OSError, MemoryError) as e:                     # a name too long; out of memory
+        code = f"{SCRIPT}: error: {why(e)}" + isinstance(e, MemoryError) * (
+            "; a smaller --img-size, or --data-in disk")
     if not NOTEBOOK:
         raise SystemExit(code)
     if isinstance(code, str):
@@ -277,10 +272,8 @@ def make_parser(doc):
     g = p.add_argument_group("shared by every script").add_argument
     g("--data", default="mnist", help="mnist, fashion-mnist, cifar10, mnist-mini, or a folder")
     g("--data-root", default="./data", help="where named datasets are found or downloaded")
-    g("--data-in", default="auto", choices=("auto", "device", "host", "disk"),
-      help="where the images live: auto takes the first they fit in (README: Data)")
-    g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} (MNIST-like), {PHOTO_IMG_SIZE} (a "
-                                   f"folder)")
+    g("--data-in", default="auto", choices=("auto", "device", "host", "disk"), help="images' place")
+    g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} (MNIST), {PHOTO_IMG_SIZE} (photos)")
     g("--channels", type=int, choices=(1, 3), help="default: the data's")
     g("--out", help="output folder (default: runs/<script>[-<data>], or --resume PATH's folder)")
     g("--sample-every", type=int, default=500, help="steps between sample grids")
@@ -288,36 +281,28 @@ def make_parser(doc):
     g("--log-every", type=int, default=50, help="steps between log lines")
     g("--resume", nargs="?", const="", metavar="PATH", help="continue <out>/last.pt, or PATH")
     g("--seed", type=int, default=0, help="the seed of every random stream")
-    g("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-      help="auto: cuda, else mps, else cpu")
+    g("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: cuda/mps/cpu")
     g("--amp", action="store_true", help="bf16 autocast (CUDA)")
     g("--compile", action="store_true", help="torch.compile G and D (CUDA)")
     g("--cuda-graph", action="store_true", help="capture a whole step as one CUDA graph (CUDA)")
-    g("--generate", type=int, metavar="N",
-      help="write N images from --ckpt into --out (default: <its folder>/generated), then exit")
+    g("--generate", type=int, metavar="N", help="write N images from --ckpt, then exit")
+    g("--eval", action="store_true", help="print --ckpt's FID, KID, precision, recall; then exit")
     g("--ckpt", help="for --generate, --eval (default: runs/<script>[-<data>]/last.pt)")
     if CONDITIONAL:
         g("--label", type=int, help="with --generate: draw only this class")
-    g("--eval", action="store_true", help="print --ckpt's FID, KID, precision, recall; then exit")
-    g("--eval-every", type=int, metavar="N", help="steps between evaluations (default: the "
-      "snapshots' interval on CUDA, 0 (none) elsewhere)")
+    g("--eval-every", type=int, metavar="N", help="default: the snapshots' on CUDA, else 0 (none)")
     g("--eval-samples", type=int, default=5000, metavar="N", help="G's images per evaluation")
-    g("--eval-features", default="inception-v3-compat", metavar="NAME",
-      help="torch-fidelity's feature extractor (e.g. dinov2-vit-l-14)")
+    g("--eval-features", default="inception-v3-compat", help="torch-fidelity's feature extractor")
     g("--fid-weights", metavar="PATH", help="its weights, offline (default: torch hub's cache)")
-    g("--keep-every", type=int, default=0, metavar="N",
-      help="keep a snapshot step_<N>.pt every N steps (default: --steps / 5: five per run)")
-    g("--stop-on-collapse", action="store_true",
-      help="when the warning that training is failing fires: save and stop, exit status 3")
-    g("--ema", type=float, default=0.0, metavar="DECAY",
-      help="keep an exponential moving average of G (e.g. 0.999) for grids and --generate")
+    g("--keep-every", type=int, default=0, metavar="N", help="snapshots (default: --steps / 5)")
+    g("--stop-on-collapse", action="store_true", help="when training is failing: save, exit 3")
+    g("--ema", type=float, default=0.0, metavar="DECAY", help="average G's weights (e.g. 0.999)")
     return p
 
 
 def parse(p, argv):
-    """The flags typed (args.given names them) and, on --resume and --generate, the checkpoint's
-    for the others: given to the same parser, before the typed ones, so that a value refused when
-    typed is refused when read."""
+    """The flags typed (args.given) and, on --resume, --generate, --eval, the checkpoint's:
+    given to the same parser first, so that a value refused typed is refused read."""
     argv = [str(a) for a in (argv if argv is not None else [] if NOTEBOOK else sys.argv[1:])]
     unset = object()
     typed = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
@@ -350,7 +335,7 @@ def parse(p, argv):
 
 
 def saved_flags(p, path, ckpt, given):
-    """A checkpoint's flags that were not typed, as they would be typed; checked as if typed."""
+    """The checkpoint's flags that were not typed, as they would be typed; checked as if typed."""
     argv = []
     for a in [a for a in p._actions if a.option_strings and a.dest not in {*OWN_FLAGS, *given}]:
         v, flag = ckpt["args"].get(a.dest), a.option_strings[0]
@@ -370,21 +355,19 @@ def saved_flags(p, path, ckpt, given):
 
 def check_flags(p, args):
     """Every value, typed or a checkpoint's: finite numbers, counts within their limits."""
-    bad = [f"{a.option_strings[0]} must be a finite number, got {getattr(args, a.dest)}"
-           for a in p._actions if a.type is float and not np.isfinite(getattr(args, a.dest)).all()]
-    bad += [f"--{k.replace('_', '-')} must be in 1..{top:,}, got {getattr(args, k):,}"
-            for k, top in dict(steps=2 ** 31, batch_size=65536, latent_dim=2 ** 31, log_every=2 **
-                               31, sample_every=2 ** 31, ckpt_every=2 ** 31,
-                               eval_samples=2 ** 31).items()
-            if not 0 < getattr(args, k) <= top]
-    bad += [msg for ok, msg in (
-        (0 <= args.seed < 2 ** 63, f"--seed must be in 0..2^63-1, got {args.seed}"),
-        (args.keep_every >= 0, f"--keep-every must not be negative, got {args.keep_every}"),
-        ((args.eval_every or 0) >= 0, f"--eval-every must not be negative, got {args.eval_every}"),
-        (0 <= args.ema < 1, f"--ema must lie in [0, 1), got {args.ema}"),
-        (args.lr > 0, f"--lr must be positive, got {args.lr}"),
-        (all(0 <= b < 1 for b in args.betas), f"--betas must lie in [0, 1), got {args.betas}"))
-        if not ok]
+    top = dict(steps=2 ** 31, batch_size=65536, latent_dim=2 ** 31, log_every=2 ** 31,
+               sample_every=2 ** 31, ckpt_every=2 ** 31, eval_samples=2 ** 31)
+    bad = [f"--{k.replace('_', '-')} must be in 1..{n:,}, got {getattr(args, k):,}"
+           for k, n in top.items() if not 0 < getattr(args, k) <= n] + [
+        f"{a.option_strings[0]} must be a finite number, got {getattr(args, a.dest)}"
+        for a in p._actions if a.type is float and not np.isfinite(getattr(args, a.dest)).all()]
+    for ok, msg in ((0 <= args.seed < 2 ** 63, "--seed must be in 0..2^63-1"),
+                    (min(args.keep_every, args.eval_every or 0) >= 0,
+                     "--keep-every and --eval-every must not be negative"),
+                    (0 <= args.ema < 1, "--ema must lie in [0, 1)"),
+                    (args.lr > 0, "--lr must be positive"),
+                    (all(0 <= b < 1 for b in args.betas), "--betas must lie in [0, 1)")):
+        bad += [] if ok else [msg]
     p.error(bad[0]) if bad else None                        # (a checkpoint's: said as its)
     args.betas = tuple(args.betas)
     return args
@@ -410,8 +393,7 @@ def expand(path):
 
 
 def make_dir(out):
-    """Create --out, or say in one line why it cannot be (a file, a dangling link, /proc).
-    Returns the folders it made, innermost first."""
+    """Create --out, or say in one line why not; returns the folders it made, innermost first."""
     made = [d for d in (out, *out.parents) if not d.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -423,17 +405,16 @@ def make_dir(out):
 
 # %% Data
 def load_data(args, device):
-    """uint8 images (N, C, H, W), int64 labels (cgan.py, acgan.py) and class names. The images live
-    where they fit (--data-in, said in the data line): on the training device, so that a batch is
-    an index into them, not a DataLoader; in host memory; or in the decode cache on disk, mapped
-    into memory. The random batches are the same wherever they live."""
+    """uint8 images (N, C, H, W), labels (cgan.py, acgan.py), class names. The images live
+    where they fit (--data-in): on the training device (a batch is an index into them, not a
+    DataLoader), in host memory, or mapped from the decode cache on disk."""
     images, labels, classes = (load_named if args.data in DATASETS else load_folder)(args, device)
-    need = images.nbytes if isinstance(images, np.ndarray) else images.numel()
+    need, mapped = images.nbytes, isinstance(images, np.memmap)
     host = need < free_memory() / 2                         # leaving room for the process
     fits = need < torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else host
-    where = {"auto": "device" if fits else "host" if host else "disk"}.get(args.data_in,
-                                                                           args.data_in)
-    where = "host" if where == "disk" and not isinstance(images, np.memmap) else where
+    where = args.data_in if args.data_in != "auto" else "device" if fits else "host" if host or \
+        not mapped else "disk"
+    where = "host" if where == "disk" and not mapped else where
     where = "device" if where == "host" and device.type != "cuda" else where  # (one memory)
     check(where == "disk" or device.type == "cuda" and where == "device" or need < free_memory(),
           f"the images need {need / 1e9:.1f} GB of memory, {free_memory() / 1e9:.1f} GB are free: "
@@ -447,37 +428,28 @@ def load_data(args, device):
 
 
 def place(images, where, device):
-    """The images as a tensor where they live: the cache's memory map itself (disk), or read into
-    host memory (pinned for CUDA) or onto the device 4,096 at a time, each chunk of the cache
-    mapped anew, so that they are never held twice."""
-    pin = where == "host" and device.type == "cuda"
-    if torch.is_tensor(images):                             # a named dataset's, resized already
-        images = images.to(device if where == "device" else "cpu")
+    """The images where they live: the cache's map itself, or read 4,096 at a time (never twice)."""
+    pin, to = where == "host" and device.type == "cuda", device if where == "device" else "cpu"
+    if torch.is_tensor(images) or where == "disk":          # a named dataset's; the map
+        images = torch.from_numpy(images) if where == "disk" else images.to(to)
         return images.pin_memory() if pin else images
-    if where == "disk":
-        return torch.from_numpy(images)                     # (mapped copy-on-write: never written)
-    out = torch.empty(images.shape, dtype=torch.uint8, device=device if where == "device" else
-                      "cpu", pin_memory=pin)
-    for i in range(0, len(images), 4096):
-        j = min(i + 4096, len(images))
-        chunk = np.load(images.filename, mmap_mode="r")[i:j] if isinstance(
-            images, np.memmap) else images[i:j]
-        out[i:i + len(chunk)] = torch.from_numpy(np.array(chunk))
+    out = torch.empty(images.shape, dtype=torch.uint8, device=to, pin_memory=pin)
+    for i in range(0, len(images), 4096):                   # (each chunk of the cache mapped anew)
+        chunk = np.load(images.filename, mmap_mode="r") if isinstance(images, np.memmap) else images
+        out[i:i + 4096] = torch.from_numpy(np.array(chunk[i:min(i + 4096, len(images))]))
     return out
 
 
 def free_memory():
-    """The host memory that can still be had, in bytes (Linux: MemAvailable)."""
+    """The host memory that can still be had, in bytes (Linux's MemAvailable)."""
     with suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
         return 1024 * int(next(row for row in f if row.startswith("MemAvailable")).split()[1])
-    with suppress(AttributeError, ValueError, OSError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return float("inf")
+    return float("inf")                                     # (not Linux: unknown)
 
 
 def sample_real(data, batch_size, device, with_labels=False):
-    """Random training images as floats in [-1, 1] (tanh's range). The indices are drawn on the
-    training device wherever the images live, so that every place gives the same batches."""
+    """Random training images in [-1, 1] (tanh's range), drawn on the training device
+    wherever the images live: every place gives the same batches."""
     idx = torch.randint(0, len(data["images"]), (batch_size,), device=device)
     x = data["images"][idx.to(data["images"].device)].to(device, non_blocking=True)
     x = x.float().div_(127.5).sub_(1.0)
@@ -485,14 +457,11 @@ def sample_real(data, batch_size, device, with_labels=False):
 
 
 def load_named(args, device="cpu"):
-    """MNIST, Fashion-MNIST, CIFAR-10: IDX files are read where they lie (gzipped or not, also
-    read-only), else torchvision downloads; offline, MNIST falls back to the bundled mnist-mini.
-    Resized on `device` (a GPU does 60,000 images in milliseconds)."""
+    """MNIST, Fashion-MNIST, CIFAR-10: IDX files read where they lie (gzipped or not, also
+    read-only), else downloaded; offline, MNIST falls back to mnist-mini. Resized on `device`."""
     root = expand(args.data_root)
-    if args.data == "mnist-mini":
-        images, labels = load_mini()
-    else:
-        images, labels = read_idx(root / DATASETS[args.data] / "raw") or download(args, root)
+    images, labels = load_mini() if args.data == "mnist-mini" else read_idx(
+        root / DATASETS[args.data] / "raw") or download(args, root)
     x = torch.from_numpy(images[:, None] if images.ndim == 3 else images)  # MNIST: add C
     args.channels = args.channels or x.shape[1]
     args.img_size = args.img_size or SMALL_IMG_SIZE or x.shape[-1]
@@ -535,24 +504,22 @@ def read_idx(raw):
 
 
 def download(args, root):
-    name = args.data
-    made = [d for d in (root / DATASETS[name], root, *root.parents) if not d.exists()]
+    made = [d for d in (root / DATASETS[args.data], root, *root.parents) if not d.exists()]
     try:
-        ds = getattr(torchvision.datasets, DATASETS[name])(str(root), train=True, download=True)
+        ds = getattr(torchvision.datasets, DATASETS[args.data])(root, train=True, download=True)
         images = np.asarray(ds.data)
         images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images  # NHWC to NCHW
         return images, np.asarray(ds.targets)
     except Exception as e:                                  # offline, a proxy, a read-only root
-        if made:
-            shutil.rmtree(made[-1], ignore_errors=True)     # leave no empty folder or partial file
-        check(name == "mnist", f"{name} is not under {root} and could not be downloaded ({why(e)})")
+        shutil.rmtree(made[-1], ignore_errors=True) if made else None  # no empty folder left
+        said = f"{DATASETS[args.data]} is not under {root} and could not be downloaded ({why(e)})"
+        check(args.data == "mnist", said)
         args.data = "mnist-mini"                            # what it trains on, said as such
-        return load_mini(f"MNIST is not under {root} and could not be downloaded ({why(e)})")
+        return load_mini(said)
 
 
 def load_mini(offline=""):
-    """data/mnist-mini.npz: the first 10,000 MNIST training images, shipped with the scripts.
-    offline: why MNIST itself could not be had (--data mnist falls back to this, with a warning)."""
+    """data/mnist-mini.npz: MNIST's first 10,000 images (offline: why --data mnist could not be)."""
     here = [Path(__file__).resolve().parent] if "__file__" in globals() else []  # not in notebooks
     for path in [folder / "data" / "mnist-mini.npz" for folder in here + [Path.cwd()]]:
         if path.is_file():
@@ -566,9 +533,8 @@ def load_mini(offline=""):
 
 
 def load_folder(args, device=None):
-    """Every image under the folder (recursively, through links, each folder once; not hidden
-    files, nor the folders of runs), short side resized and centre-cropped to --img-size, decoded
-    once. In cgan.py and acgan.py each first-level subfolder is a class, and only those are read."""
+    """Every image under the folder (recursively, through links, not hidden ones, nor a run's),
+    resized and cropped to --img-size, decoded once. cgan.py, acgan.py: a subfolder per class."""
     root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
@@ -582,10 +548,10 @@ def load_folder(args, device=None):
         seen.add(os.path.realpath(folder))
         dirs[:] = [d for d in dirs if d[0] != "."]
         files += [Path(folder, n) for n in names if n[0] != "." and n.lower().endswith(IMAGE_EXTS)]
-    outside = [f for f in files if CONDITIONAL and f.parent == root]  # cgan, acgan: not in a class
-    files = sorted(set(files) - set(outside))
-    check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}" + (
-        f" in class subfolders (e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)" if CONDITIONAL else ""))
+    outside = {f for f in files if CONDITIONAL and f.parent == root}  # (cgan, acgan: in no class)
+    files = sorted(set(files) - outside)
+    check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}" + CONDITIONAL * (
+        f" in class subfolders (e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)"))
     images, bad, first = decode_folder(root, files, args.img_size, args.channels)
     if bad:
         warn(f"skipped {len(bad)} of {len(files)} images that could not be read (the first: "
@@ -604,50 +570,17 @@ def load_folder(args, device=None):
 
 
 def decode_folder(root, files, size, channels):
-    """The files' images, decoded once (in threads, 2,048 at a time) straight into the decode cache,
-    a .npy file outside the folder (it may be read-only), beside a .json of its key (the files'
-    names, sizes and times) and of how far the decode got: a decode that was stopped goes on
-    where it was. Returns the readable images in order (the cache, mapped into memory), the
-    indices of the files that could not be read, and why the first could not."""
+    """The files decoded once, in threads, straight into the decode cache (open_cache): the
+    readable images in order, the indices of the others, and why the first was not readable."""
     try:
         key = digest([(str(f.relative_to(root)), s.st_size, s.st_mtime_ns, s.st_ctime_ns)
-                      for f in files for s in [f.stat()]])  # (ctime: any write, kept mtime too)
-    except OSError as e:                                    # a file went while the folder was read
+                      for f in files for s in [f.stat()]])  # (ctime: a write, mtime kept or not)
+    except OSError as e:                                    # (a file gone meanwhile)
         fail(f"{root} changed while it was read ({why(e)}); run again")
-    folder = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts")
-    cache = folder / f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npy"
-    shape, side = (len(files), channels, size, size), cache.with_suffix(".json")
-    with suppress(OSError):
-        cache.with_suffix(".npz").unlink()                  # an older version's cache: replaced
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(cache.with_suffix(".lock"), "a")        # one decode at a time
-        with suppress(ImportError):
-            __import__("fcntl").flock(lock, 2)              # (LOCK_EX: waits for the other)
-        info, images = read_json(side), None
-        with suppress(OSError, ValueError):                 # (absent, or cut short)
-            images = np.lib.format.open_memmap(cache, "r") if info.get("key") == key else None
-        if images is not None and images.shape == shape and info["done"] < len(files):
-            images = np.lib.format.open_memmap(cache, "r+")  # (r+ would lengthen a cut file)
-        elif images is None or images.shape != shape:
-            if info.get("key") == key:
-                warn(f"the decode cache {cache} is damaged; decoding again")
-            info = {"key": key, "done": 0, "n": 0, "bad": [], "first": ""}
-            images = np.lib.format.open_memmap(cache, "w+", np.uint8, shape)
-            with suppress(AttributeError), open(cache, "r+b") as f:  # the disk space, now
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(cache))
-    except OSError as e:                                    # no room, a file in its place
-        need = np.prod(shape) / 1e9
-        warn(f"could not write the decode cache {cache} ({why(e)}; it needs {need:.1f} GB); "
-             f"decoding into memory, and again in the next run")
-        check(need * 1e9 < free_memory(), f"the images need {need:.1f} GB: free disk space there"
-                                          f", set GAN_CACHE_DIR, or a smaller --img-size")
-        info, side = {"done": 0, "n": 0, "bad": [], "first": ""}, None
-        images = np.empty(shape, np.uint8)
-    if 0 < info["done"] < len(files):
-        print(f"data: the decode goes on at {info['done']:,} of {len(files):,} images")
-    print(f"data: {info['n']} images from the decode cache {cache}" if info["done"] == len(files)
-          else f"data: decoded once, cached at {cache}" if side else "data: decoded into memory")
+    name = f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npy"
+    cache = cache_dir() / name                              # (and its .json, .lock)
+    images, info, lock = open_cache(cache, key, (len(files), channels, size, size))
+    done = info["done"]                                     # (a stopped decode's, or all)
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
         for start in range(info["done"], len(files), DECODE_CHUNK):
@@ -660,12 +593,48 @@ def decode_folder(root, files, size, channels):
                     images[info["n"]] = image
                     info["n"] += 1
             info["done"] = min(start + DECODE_CHUNK, len(files))
-            if side:                                        # (the chunk first, then the word)
+            if lock:                                        # the chunk first, then the word
                 images.flush()
-                write_json(side, info)
+                write_json(cache.with_suffix(".json"), info)
     check(info["n"], f"none of the {len(files)} images under {root} is readable: {info['first']}")
-    images = np.load(cache, mmap_mode="c") if side else images  # (mapped anew: nothing resident)
+    print(f"data: {info['n']} images from the decode cache {cache}" if done == len(files) else
+          "data: decoded into memory" if not lock else f"data: decoded once, cached at {cache}" +
+          (f" (going on from image {done:,} of {len(files):,})" if done else ""))
+    images = np.load(cache, mmap_mode="c") if lock else images  # (mapped anew: nothing resident)
     return images[:info["n"]], set(info["bad"]), info["first"]
+
+
+def open_cache(cache, key, shape):
+    """The decode cache: a .npy mapped into memory, beside a .json of its key (the files' names,
+    sizes, times) and how far the decode got, so that a stopped one goes on; .lock: one decode at
+    a time. Without room for it, a warning and an array in memory."""
+    images, fresh = None, {"done": 0, "n": 0, "bad": [], "first": ""}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.with_suffix(".npz").unlink(missing_ok=True)   # an older version's cache: replaced
+        lock = open(cache.with_suffix(".lock"), "a")
+        with suppress(ImportError):
+            __import__("fcntl").flock(lock, 2)              # (LOCK_EX: waits for another decode)
+        info = read_json(cache.with_suffix(".json"))
+        with suppress(OSError, ValueError):                 # absent, or cut short
+            images = np.lib.format.open_memmap(cache, "r") if info.get("key") == key else None
+        if images is not None and images.shape == shape:    # (r+ would lengthen a cut file)
+            return np.lib.format.open_memmap(cache, "r+") if info["done"] < shape[0] else images, \
+                info, lock
+        warn(f"the decode cache {cache} is damaged; decoding again") if info.get("key") == key \
+            else None
+        cache.unlink(missing_ok=True)                       # (a run that maps it keeps its own)
+        images = np.lib.format.open_memmap(cache, "w+", np.uint8, shape)
+        with suppress(AttributeError), open(cache, "r+b") as f:  # the disk space, now
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(cache))
+        return images, dict(fresh, key=key), lock
+    except OSError as e:                                    # no room, a file in its place
+        need = np.prod(shape) / 1e9
+        warn(f"could not write the decode cache {cache} ({why(e)}; it needs {need:.1f} GB); "
+             f"decoding into memory, and again in the next run")
+        check(need * 1e9 < free_memory(), f"the images need {need:.1f} GB: free disk space there"
+                                          f", set GAN_CACHE_DIR, or a smaller --img-size")
+        return np.empty(shape, np.uint8), fresh, None
 
 
 def read_json(path):
@@ -675,10 +644,7 @@ def read_json(path):
 
 
 def write_json(path, value):
-    """Atomically: a temporary file, then a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    atomically(path, lambda tmp: tmp.write_text(json.dumps(value)))
 
 
 def decode_image(path, size, channels):
@@ -700,10 +666,13 @@ def digest(value):
     return hashlib.sha1(repr(value).encode()).hexdigest()[:12]
 
 
+def cache_dir():
+    return expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts")
+
+
 # %% Checkpoints: load, save (with the random streams of every process), restore
 def load_checkpoint(path):
-    """A checkpoint of this script, loaded safely (tensors and plain data only); its flags are read
-    by parse(), as if typed."""
+    """A checkpoint of this script, loaded safely (tensors and plain data only)."""
     check(path.is_file(), f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -731,8 +700,8 @@ def load_state(obj, state, name, differ=""):
 
 
 def save_checkpoint(run, *paths):
-    """The checkpoint, a plain dict (the keys CKPT_KEYS), written atomically by rank 0 alone, and
-    only if every weight and every optimizer state in it is finite: the last good one resumes."""
+    """A plain dict (CKPT_KEYS), written atomically by rank 0 alone, and only if every weight
+    and optimizer state in it is finite: the last good one resumes."""
     tensors = [t for k in "GD" for t in run.nets[k].state_dict().values()]
     tensors += [t for k in ("opt_G", "opt_D") for state in run.nets[k].state.values()
                 for t in state.values() if torch.is_tensor(t)]
@@ -757,20 +726,24 @@ def save_checkpoint(run, *paths):
 
 
 def save_atomic(state, path):
-    """A temporary file, then a rename: a crash, Ctrl-C or full disk never leaves a broken file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomically(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as e:                    # (a full disk: RuntimeError in torch)
         fail(f"could not write {path}, is the disk full? ({why(e)}); the last checkpoint is kept")
+
+
+def atomically(path, write):
+    """write(a temporary file), then a rename: a crash or a full disk never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def restore_checkpoint(run, ckpt):
-    """Models, optimizer moments, fixed noise, step and random streams; the optimizers keep this
-    run's --lr and --betas (the checkpoint's unless given again)."""
+    """Models, optimizers (with this run's --lr and --betas), fixed noise, step, random streams."""
     for name, obj in run.nets.items():
         groups = getattr(obj, "param_groups", [])           # an optimizer's: lr, betas, ...
         flags = [{k: v for k, v in group.items() if k != "params"} for group in groups]
@@ -799,14 +772,13 @@ def restore_checkpoint(run, ckpt):
 
 # %% --generate, pictures, D without BatchNorm
 def generate(args):
-    """--generate N: N images from the checkpoint's G as <index>.png (conditional scripts:
-    <label>_<index>.png, the labels cycling through the classes, or all --label), into a folder
-    that holds none of those names, locked as a run's folder is (the scan of --data skips it)."""
-    device, ckpt = pick_device(args.device), args.checkpoint[1]
+    """--generate N: N images from the checkpoint's G (its EMA, if saved) as <index>.png (cgan,
+    acgan: <label>_<index>.png, the classes in turn, or --label), into a folder holding none of
+    those names, locked as a run's folder is (so the scan of --data skips it)."""
+    device, ckpt, label = pick_device(args.device), args.checkpoint[1], getattr(args, "label", None)
     G = build_models(args)[0].to(device).eval()
-    load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")       # --ema's average of G, when saved
-    n, label, index = len(ckpt.get("classes") or [0]), getattr(args, "label", None), range(
-        args.generate)
+    load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")
+    n, index = len(ckpt.get("classes") or [0]), range(args.generate)
     check(label is None or 0 <= label < n, f"--label must be in 0..{n - 1}")
     labels = [i % n if label is None else label for i in index]
     names = [f"{y}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png" for i, y in zip(index, labels)]
@@ -819,9 +791,9 @@ def generate(args):
         torch.manual_seed(args.seed)
         for first in range(0, args.generate, 256):
             z = torch.randn(len(index[first:first + 256]), args.latent_dim, device=device)
-            y = torch.tensor(labels[first:first + 256], device=device)
             with torch.no_grad():
-                images = G(z, y) if CONDITIONAL else G(z)
+                images = G(z, torch.tensor(labels[first:first + 256], device=device)) \
+                    if CONDITIONAL else G(z)
             for name, image in zip(names[first:first + 256], images):
                 save_grid(image, folder.path / name)
     print(f"wrote {args.generate} images to {folder.path}")
@@ -835,13 +807,8 @@ def free(path):
 def save_grid(images, path):
     """Images in [-1, 1] as one PNG, 8 to a row (torchvision's make_grid), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_image(images.float(), tmp, "png", nrow=8, padding=2, normalize=True,
-                   value_range=(-1, 1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomically(path, lambda tmp: save_image(images.float(), tmp, "png", nrow=8, padding=2,
+                                            normalize=True, value_range=(-1, 1)))
 
 
 def without_batchnorm(net):
@@ -864,21 +831,18 @@ def spectral_norm_(D):
     return D
 
 
-# %% The run's folder: its lock, which run may write there, its pictures and log
+# %% The run's folder: its lock, which run may write there, its pictures and logs
 class Folder:
-    """--out, created and locked before anything slow, so that two runs never write one folder (the
-    operating system frees the lock when the process ends; Windows: no lock). A folder holds one
-    run: another may write there only to continue its last.pt. Under torchrun rank 0 alone writes.
-    """
+    """--out, created and locked before anything slow: two runs never write one folder (the OS
+    frees the lock when the process ends). It holds one run; another may only continue its
+    last.pt. Under torchrun rank 0 alone writes."""
 
     def __init__(self, path):
         self.path, self.lock, self.made, self.ours = path, None, [], False
 
     def take(self):
-        """Create the folder and lock it. Once it is ours (self.ours: the run may write there), its
-        .lock stays, and the scan of --data skips the folder."""
-        self.made = make_dir(self.path)                     # the folders made: for close()
-        self.new = not (self.path / ".lock").exists()
+        """Create and lock the folder; once ours, its .lock stays (the scan of --data skips it)."""
+        self.made, self.new = make_dir(self.path), not (self.path / ".lock").exists()
         self.lock = open(self.path / ".lock", "a")
         with suppress(ImportError):
             import fcntl
@@ -892,10 +856,9 @@ class Folder:
         for tmp in self.path.glob(".*.tmp"):                # no one else writes here: a killed
             tmp.unlink(missing_ok=True)                     # save's temporary file
 
-    def claim(self, data, resumed, step):
-        """Take the folder, and say whether this run may write there: a fresh one if it holds no
-        run, a resumed one (--resume's checkpoint `resumed`, at `step`) if it holds none or if that
-        is its last.pt. Never the folder of --data's images, nor one around it."""
+    def claim(self, data, resumed, step, typed=False):
+        """Take the folder if this run may write there: a fresh one if it holds no run; a resumed
+        one if it holds none or `resumed` is its last.pt. Never --data's images, nor around them."""
         out, images = self.path.resolve(), data not in DATASETS and Path(data).resolve()
         check(not images or not images.is_relative_to(out) and not (
             out.is_relative_to(images) and out.is_dir() and not (out / ".lock").exists() and any(
@@ -904,12 +867,10 @@ class Folder:
         self.take()
         last = self.path / "last.pt"
         snaps = sorted(self.path.glob("step_*.pt"), key=lambda p: (len(p.name), p.name))  # by step
-        theirs = origin(saved_args(last).get("data")) if last.exists() and not resumed else None
-        check(theirs in (None, origin(data)) or {theirs, data} <= {"mnist", "mnist-mini"},
-              f"{self.path} holds a run on other data ({theirs}); give another --out, e.g. --out "
-              f"{free(self.path)}")
-        check(resumed or not last.exists(), f"{self.path} holds a run already: add --resume to "
-                                            f"continue it, or give another --out")
+        theirs = typed and last.exists() and not resumed and saved_args(last).get("data")
+        check(resumed or not last.exists(), f"{self.path} holds a run already: " + (
+            "add --resume to continue it, or give another --out" if not theirs or origin(theirs)
+            == origin(data) else f"on {theirs}; give another --out, e.g. --out {free(self.path)}"))
         check(resumed or not snaps, f"{self.path} holds a run's snapshots: continue the last with "
                                     f"--resume {snaps and snaps[-1]} --out NEW, or another --out")
         check(not (last.exists() or snaps) or not resumed or resumed.resolve() == last.resolve(),
@@ -936,8 +897,7 @@ class Folder:
         self.write(name, add)
 
     def write(self, name, how, *args):
-        """The grids and the logs; one that cannot be written (a folder in its place) never stops
-        the run."""
+        """The pictures and logs: one that cannot be written never stops the run."""
         try:
             how(*args) if self.lock else None
         except OSError as e:
@@ -954,35 +914,22 @@ class Folder:
 
 
 def read_rows(folder, name, step):
-    """A CSV file of the run's (log.csv, metrics.csv) on --resume: its rows up to the checkpoint's
-    step, and the file written again (atomically) if it held later or damaged rows: a damaged one
-    is dropped, and the file it was in kept as NAME.damaged. A fresh run (step 0) starts anew."""
-    path, rows, damaged, dropped = folder.path / name, [], False, not step
-    try:
-        with open(path, newline="", errors="replace") as f:
-            header, *lines = list(csv.reader(f)) if step else [[]]
-    except (OSError, ValueError):                           # none yet; a folder in its place
-        header, lines = [], []
-    for line in lines:
-        try:
-            row = [int(line[0]), *map(float, line[1:])]
-        except (ValueError, IndexError):                    # an empty cell, a blank line
-            row = []
-        damaged |= len(row) != len(header)
-        keep = len(row) == len(header) and row[0] <= step
-        rows, dropped = rows + [row] * keep, dropped or not keep
-    tmp = path.with_name(f".{name}.tmp")
-    try:
-        if folder.lock and dropped:                         # (under torchrun: rank 0 alone)
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([header, *rows] if rows else [])
-            os.replace(path, f"{path}.damaged") if damaged else None
-            os.replace(tmp, path) if rows else path.unlink(missing_ok=True)
-    except OSError as e:
-        warn(f"could not write {path} ({why(e)}); training goes on")
-    finally:
-        tmp.unlink(missing_ok=True)
-    return header, rows
+    """On --resume, a CSV of the run's: its rows up to the checkpoint's step (the file written
+    again without later or damaged ones; one damaged: kept as NAME.damaged). Step 0: a new file."""
+    path, rows, lines = folder.path / name, [], [[]]
+    with suppress(OSError, ValueError), open(path, newline="", errors="replace") as f:
+        lines = list(csv.reader(f)) if step else [[]]       # (none yet; a folder in its place)
+    for line in lines[1:]:
+        with suppress(ValueError, IndexError):              # an empty cell, a blank line
+            rows.append([int(line[0]), *map(float, line[1:])])
+    damaged = len(rows) < len(lines) - 1 or any(len(r) != len(lines[0]) for r in rows)
+    rows = [r for r in rows if len(r) == len(lines[0]) and r[0] <= step]
+    text = "".join(",".join(map(str, row)) + "\n" for row in [lines[0], *rows])
+    with suppress(OSError):
+        if folder.lock and (len(rows) < len(lines) - 1 or not step):  # (torchrun: rank 0's)
+            shutil.copyfile(path, f"{path}.damaged") if damaged else None
+            atomically(path, lambda tmp: tmp.write_text(text)) if rows else path.unlink()
+    return lines[0], rows
 
 
 def origin(data):
@@ -1021,9 +968,9 @@ def plot(rows, header, path, last=-1, W=800, H=420, pad=60):
 
 # %% The meter: each step's numbers, summed on the device until a log line
 class Meter:
-    """The steps' numbers by name, summed on the device (no host sync), with the first step at which
-    one was NaN or inf; at a log line (under torchrun: the means over all processes, who agree on a
-    NaN/inf and on a stop there), a row of log.csv, loss.png and the progress line."""
+    """The steps' numbers, summed on the device (no host sync), with the first NaN/inf step; at a
+    log line (torchrun: the processes' means; they agree on a NaN and a stop) a log.csv row and
+    the progress line."""
 
     def __init__(self, run):
         self.run, self.sums, self.images, self.t0 = run, None, 0, time.time()
@@ -1045,14 +992,14 @@ class Meter:
         check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
 
     def eta(self, step, total):
-        """After this process's first step (its work done): the time the run takes at that pace,
-        and, when that is hours, the settings that take one."""
-        self.sums.sum().item()
+        """After this process's first step, at once: the time left at its pace (and, if that is
+        hours on a CPU, what takes one)."""
+        self.sums.sum().item()                              # (the device's work done)
         each = (time.time() - self.t0) / self.count
-        hint = (f"; in an hour: --steps {step + int(3600 / each)}, or a smaller --img-size (half "
-                f"the size: about 4x faster)" if each * (total - step) > 3600 else "")
-        print(f"[{step}/{total}] first step {each:.1f} s | {hms(each * (total - step))} left at "
-              f"this pace{hint}", flush=True)
+        hint = "" if self.run.cuda or each * (total - step) < 3600 else (
+            f"; in an hour: --steps {step + int(3600 / each)}, or half the --img-size (4x faster)")
+        print(f"[{step}/{total}] first step {each:.1f} s | {hms(each * (total - step))} left"
+              f"{hint}", flush=True)
 
     def line(self, step, total, stop):
         """The log line at `step`: returns its means and the stop that every process agrees on."""
@@ -1078,11 +1025,10 @@ class Meter:
         return means, stop
 
 
-# %% The failing-training rule (docs/long-runs.md)
+# %% When training is failing (docs/long-runs.md): the script's sign, or FID risen from its best
 class FailingRule:
-    """The warning that training is failing, from the script's own sign (failing(means, args)) in
-    the log lines' means: said once per episode, after FAILING_LINES failing lines in a row; an
-    episode ends after HEALTHY_LINES healthy ones. The start of a run is not judged."""
+    """The warning that training is failing, from the script's sign (failing()) in the log lines'
+    means: once per episode, after FAILING_LINES in a row, not in a run's first steps."""
     QUIET_STEPS, QUIET_SHARE = 1000, 0.1   # not judged: the first 1000 steps or tenth of a run
     FAILING_LINES, HEALTHY_LINES = 5, 20
     bad = good = warned = 0                # failing and healthy lines in a row; said this episode
@@ -1100,52 +1046,50 @@ class FailingRule:
 
 # %% Quality: FID, KID, precision and recall (torch-fidelity), metrics.csv, best.pt
 class Judge:
-    """G judged as the field judges GANs (README: Quality): the features of --eval-samples of its
-    images against those of up to 50,000 training images, as the model sees them (real.png's, the
-    features cached), give FID (Heusel et al. 2017), KID (Binkowski et al. 2018), precision and
-    recall (Kynkaanniemi et al. 2019), through torch-fidelity. G draws with a random stream of its
-    own and in eval mode: a judged run trains exactly as one that is not."""
+    """G judged as the field judges GANs (README: Quality): torch-fidelity's features of
+    --eval-samples of its images and of up to 50,000 training images as the model sees them give
+    FID, KID, precision and recall. G draws with its own random stream, in eval mode: a judged
+    run trains exactly as one that is not."""
     RISE, TIMES = 1.25, 2                  # failing: FID 25% over its best at two in a row
     HEADER = ["step", "fid", "kid", "kid_std", "precision", "recall", "samples", "seconds"]
 
     def __init__(self, args, data, device, folder=None, step=0):
         self.args, self.device, self.folder, self.worse = args, device, folder, 0
-        self.classes = len(data["classes"] or [0])
+        self.classes, self.fidelity = len(data["classes"] or [0]), fidelity(args, device)
         self.rows = folder and read_rows(folder, "metrics.csv", step)[1] or []
         self.best = min([(r[1], r[0]) for r in self.rows], default=(float("inf"), 0))  # (FID, step)
-        self.fidelity = fidelity(args, device)
-        if isinstance(self.fidelity, str):                  # a run trains on; --eval stops
-            (warn if folder else fail)(self.fidelity)
-            self.fidelity = None
-        else:
-            images = data["images"]
-            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:50000]
-            real = images[pick.to(images.device)]
-            self.real = cached(f"{real.shape}-{digest(real[:256].cpu().numpy().tobytes())}-"
-                               f"{args.eval_features}.pt", lambda: self.features(real))
+        if isinstance(self.fidelity, str):                  # why not: a run trains on, --eval stops
+            self.fidelity = (warn if folder else fail)(self.fidelity)
+            return
+        images = data["images"]
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:50000]
+        real = images[pick.to(images.device)]
+        self.real = self.fidelity[1].utils.cache_lookup_one_recompute_on_miss(  # computed once
+            f"{real.shape}-{digest(real[:256].cpu().numpy().tobytes())}-{args.eval_features}",
+            lambda: self.features(real), cache_root=str(cache_dir()), verbose=False)
 
     def features(self, images):
         """uint8 images (N, C, H, W), 250 at a time -> the extractor's features (N, D)."""
-        extractor, _ = self.fidelity
         with torch.no_grad():
-            return torch.cat([extractor(x.to(self.device, torch.uint8).expand(-1, 3, -1, -1))[0]
-                              .double().cpu() for x in images.split(250)])
+            return torch.cat([self.fidelity[0](x.to(self.device, torch.uint8).expand(-1, 3, -1, -1))
+                              [0].double().cpu() for x in images.split(250)])
 
     def __call__(self, G, step=None):
-        """The figures for G now, by name; in a run also a row of metrics.csv, fid.png and the
-        progress line, then (whether this is the best FID so far, the failing sign or None)."""
-        args, (_, tf), t0, fakes = self.args, self.fidelity, time.time(), []
-        g, n = torch.Generator(self.device).manual_seed(args.seed), args.eval_samples
+        """The figures for G; in a run also metrics.csv, fid.png, the progress line, and
+        (whether this is the best FID so far, the failing sign or None)."""
+        args, tf, t0, fakes = self.args, self.fidelity[1], time.time(), []
+        n = args.eval_samples
+        g = torch.Generator(self.device).manual_seed(args.seed)
         with torch.no_grad():
-            for i in range(0, n, 250):
+            for i in range(0, n, 250):                      # (the classes in turn, as --generate)
                 z = torch.randn(min(250, n - i), args.latent_dim, generator=g, device=self.device)
-                labels = torch.arange(i, i + len(z), device=self.device) % self.classes
-                x = G(z, labels) if CONDITIONAL else G(z)   # the classes in turn, as --generate
+                x = G(z, torch.arange(i, i + len(z), device=self.device) % self.classes) \
+                    if CONDITIONAL else G(z)
                 fakes.append(self.features(x.float().add(1).mul(127.5).round().clamp(0, 255)))
         fake, kw = torch.cat(fakes), dict(verbose=False, save_cpu_ram=True, prc_batch_size=1000,
                                           kid_subset_size=min(1000, n, len(self.real)))
-        stats = [tf.metric_fid.fid_features_to_statistics(f) for f in (fake, self.real)]
-        fid = tf.metric_fid.fid_statistics_to_metric(*stats, False)["frechet_inception_distance"]
+        fid = tf.metric_fid.fid_statistics_to_metric(*[tf.metric_fid.fid_features_to_statistics(
+            f) for f in (fake, self.real)], False)["frechet_inception_distance"]
         kid = tf.metric_kid.kid_features_to_metric(fake, self.real, **kw)
         prc = tf.metric_prc.prc_features_to_metric(fake, self.real[:n], **kw)  # as many a side
         m = dict(zip(self.HEADER[1:], (fid, *kid.values(), prc["precision"], prc["recall"], n,
@@ -1153,19 +1097,18 @@ class Judge:
         if step is None:
             return m
         best, self.rows = fid < self.best[0], self.rows + [[step, *m.values()]]
-        self.best, self.worse = (fid, step) if best else self.best, 0 if fid < self.RISE * min(
-            self.best[0], fid) else self.worse + 1
+        self.best = (fid, step) if best else self.best
+        self.worse = self.worse + 1 if fid >= self.RISE * self.best[0] else 0
         self.folder.append("metrics.csv", *[self.HEADER] * (len(self.rows) == 1), self.rows[-1])
         self.folder.write("fid.png", plot, self.rows, self.HEADER, self.folder.path / "fid.png", 1)
         print(f"[{step}/{args.steps}] FID {fid:.1f} KID {m['kid']:.4f} P {m['precision']:.2f} R "
               f"{m['recall']:.2f}" + " (best)" * best, flush=True)
-        return best, self.worse >= self.TIMES and (f"FID rose from {self.best[0]:.1f} (step "
+        return best, self.worse == self.TIMES and (f"FID rose from {self.best[0]:.1f} (step "
                                                    f"{self.best[1]}, best.pt) to {fid:.1f}")
 
 
 def fidelity(args, device):
-    """torch-fidelity, imported on first use, and its feature extractor (--eval-features), made with
-    the random streams kept as they were; or why not, in one line."""
+    """torch-fidelity (imported only now) and its feature extractor; or why not, in one line."""
     try:
         import torch_fidelity as tf
         layer = tf.registry.FEATURE_EXTRACTORS_REGISTRY[args.eval_features]
@@ -1184,19 +1127,6 @@ def fidelity(args, device):
                 f"--fid-weights PATH, or put the file in {torch.hub.get_dir()}/checkpoints")
 
 
-def cached(name, compute):
-    """A tensor kept in the decode cache's folder, computed once."""
-    path = expand(os.environ.get("GAN_CACHE_DIR") or "~/.cache/gan-scripts") / name
-    with suppress(Exception):
-        return torch.load(path, weights_only=True)
-    value, tmp = compute(), path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with suppress(OSError, RuntimeError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(value, tmp)
-        os.replace(tmp, path)
-    return value
-
-
 def judge_checkpoint(args):
     """--eval: one checkpoint's figures and how they were had, printed; writes only a cache."""
     device, ckpt = pick_device(args.device), args.checkpoint[1]
@@ -1211,8 +1141,7 @@ def judge_checkpoint(args):
 
 # %% Fast paths: bf16 autocast, torchrun's DistributedDataParallel, torch.compile, CUDA graphs
 def fast_paths(run, G, D):
-    """--amp's autocast (bf16, CUDA), torchrun's DistributedDataParallel, --compile, --cuda-graph:
-    returns the modules that the steps call."""
+    """--amp, torchrun's DDP, --compile, --cuda-graph: returns the modules the steps call."""
     args, cuda = run.args, run.cuda
     bf16 = cuda and torch.cuda.get_device_capability(run.device)[0] >= 8
     graphs = args.cuda_graph and cuda and run.world == 1 and run.data["images"].is_cuda
@@ -1220,7 +1149,7 @@ def fast_paths(run, G, D):
     for flag in [f for f in ("amp", "compile", "cuda_graph") if getattr(args, f) and not cuda]:
         print(f"--{flag.replace('_', '-')} is for CUDA; running without it on {run.device.type}")
     if args.cuda_graph and cuda and not graphs:             # (DDP's all-reduce hooks, host data)
-        print("--cuda-graph: not under torchrun, nor with the images in host memory; eager steps")
+        print("--cuda-graph: not under torchrun, nor with the images off the GPU; eager steps")
     if args.compile and graphs:
         print("--compile: not with --cuda-graph (which launches the whole step at once)")
     if args.amp and cuda and not bf16:
@@ -1240,11 +1169,10 @@ def fast_paths(run, G, D):
 
 
 class CudaGraphs:
-    """--cuda-graph: step() captured as one CUDA graph after WARMUP eager steps (on a side stream,
-    as PyTorch's whole-network capture does), then replayed: one launch for the whole update, which
-    a small GAN otherwise spends launching hundreds of kernels. The same Python code, run once more
-    under capture; one graph per key (wgan.py: per number of critic updates). The optimizers step
-    on the device (capturable). A step that cannot be captured trains eagerly, said in one line."""
+    """--cuda-graph: step() captured as one CUDA graph after WARMUP eager steps on a side stream,
+    then replayed: one launch per update, where a small GAN spends its time launching kernels.
+    One graph per key (wgan.py: per critic count); capturable optimizers. A step that cannot be
+    captured trains eagerly, said in one line."""
     WARMUP = 3
 
     def __init__(self, run):
@@ -1262,18 +1190,25 @@ class CudaGraphs:
             graph.replay()
             return stats
         self.seen[args] = self.seen.get(args, 0) + 1
-        graph = torch.cuda.CUDAGraph() if self.seen[args] > self.WARMUP else None
+        graph, failed = torch.cuda.CUDAGraph() if self.seen[args] > self.WARMUP else None, None
         self.stream.wait_stream(torch.cuda.current_stream())  # warm-up and capture: one stream
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*capturable=True")  # (the eager warm-up steps)
             try:
                 with torch.cuda.graph(graph, stream=self.stream) if graph else nullcontext():
                     stats = step(*args)                     # (a capture records, runs nothing)
             except Exception as e:
                 if not graph:
                     raise
-                warn(f"--cuda-graph: this step cannot be captured ({why(e)}); training eagerly")
+                failed = e.__context__ or e                 # (the capture's end: "previous error")
+            if failed:                                      # out of the capture, the graph dropped
+                warn(f"--cuda-graph: this step cannot be captured ({why(failed)}); eager steps")
                 run.graphs, graph, run.batches = None, None, 0
-                stats = step(*args)
+                try:
+                    stats = step(*args)
+                except Exception as e:                      # (older torch: the RNG still captures)
+                    fail(f"--cuda-graph: the step failed captured ({why(failed)}) and eagerly "
+                         f"({why(e)}); run without --cuda-graph")
         torch.cuda.current_stream().wait_stream(self.stream)
         if graph:
             self.graphs[args] = graph, stats, run.batches
@@ -1281,11 +1216,10 @@ class CudaGraphs:
         return stats
 
 
-# %% The loop: the steps, and after each one the EMA, the log, grids, checkpoints, the stop
+# %% The loop: the steps, and after each one the EMA, the log, evaluations, grids, checkpoints
 class Run:
-    """What train() needs besides the paper: the device, --out, the data, --resume, the grids' fixed
-    noise, then the loop (run.loop(step)). Built in one step; close() ends it. Run.observers:
-    functions f(run, stats) called after every step (run.step) with its numbers (to plot them)."""
+    """What train() needs besides the paper: the device, --out, the data, --resume, the grids'
+    noise, then the loop. Run.observers: f(run, stats) after every step (for the tests)."""
     observers = []
 
     def __init__(self, args):
@@ -1308,7 +1242,7 @@ class Run:
         self.folder, step = Folder(expand(args.out)), self.ckpt and self.ckpt["step"]
         if self.rank == 0:
             self.catch_signals()
-            self.folder.claim(args.data, self.last_good, step)
+            self.folder.claim(args.data, self.last_good, step, "data" in args.given)
         if self.world > 1:                                  # torchrun: a process per device
             if self.cuda:
                 self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -1347,10 +1281,8 @@ class Run:
               f"(again to quit at once)", flush=True)
 
     def start(self, G, D, opt_G, opt_D, fixed=None):
-        """The models: --resume's checkpoint restored into them, real.png, the header. fixed: G's
-        inputs for the sample grids (default: 64 z). Returns G and D to call in the steps (under
-        torchrun in DistributedDataParallel, with --compile compiled); checkpoints hold the plain
-        modules, and --ema's average of G."""
+        """The models (--resume's state restored), real.png, the header; fixed: the grids' inputs.
+        Returns G and D for the steps (DDP, compiled); checkpoints hold the plain modules."""
         args = self.args
         self.nets = {"G": G, "D": D, "opt_G": opt_G, "opt_D": opt_D}
         self.fixed = fixed or (torch.randn(64, args.latent_dim, device=self.device),)
@@ -1368,10 +1300,7 @@ class Run:
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
         self.folder.picture(images[pick.to(images.device)] / 127.5 - 1, "real.png")
         self.meter, self.failing, self.batches = Meter(self), FailingRule(), 0
-        every = args.eval_every if args.eval_every is not None else self.cuda and (
-            args.keep_every or max(1, args.steps // 5))     # CUDA: each snapshot judged
-        self.judge = every and Judge(args, self.data, self.device, self.folder, self.step)
-        self.judge = self.judge and self.judge.fidelity and (self.judge, every)
+        self.judge = judging(self)
         return fast_paths(self, G, D)
 
     def real_batch(self):
@@ -1380,9 +1309,8 @@ class Run:
         return sample_real(self.data, self.args.batch_size, self.device, with_labels=CONDITIONAL)
 
     def loop(self, step, key=None):
-        """Every step from the checkpoint's to --steps: step() (the paper's algorithm, returning its
-        numbers by name), then after_step(). key(n): what else step() takes (wgan.py: the critic's
-        updates before generator update n)."""
+        """Every step to --steps: step() (the paper's, returning its numbers), then after_step();
+        key(n): what else step() takes (wgan.py: the critic's updates)."""
         self.training, first = True, self.step + 1
         for self.step in range(first, self.args.steps + 1):
             self.batches, args = 0, (key(self.step),) if key else ()
@@ -1392,29 +1320,24 @@ class Run:
                 observe(self, stats)
             self.after_step()
             if self.step == first < self.args.steps and first % self.args.log_every:
-                self.meter.eta(first, self.args.steps)      # at once, not at the first log line
+                self.meter.eta(first, self.args.steps)      # (not at the first log line)
         print(f"done: samples in {self.folder.path / 'samples'}, checkpoint "
-              f"{self.folder.path / 'last.pt'}" + self.best())
+              f"{self.folder.path / 'last.pt'}" + best(self))
 
     def after_step(self):
         """In this order, which exact resume depends on: --ema's average, then the log line (where
-        torchrun's processes agree on a stop), the grid (G in eval mode: no update of BatchNorm's
-        statistics), last.pt and the snapshots (with every random stream as it is now), the stop."""
-        args, step, G = self.args, self.step, self.nets["G"]
+        torchrun's processes agree on a stop), an evaluation, the grid (G in eval mode: no update
+        of BatchNorm's statistics), the checkpoints (with every random stream as it is now)."""
+        args, step, G, stop, sign, better = self.args, self.step, self.nets["G"], 0, None, False
         if args.ema:                                        # G_ema = decay G_ema + (1 - decay) G
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.nets["G_ema"].parameters()), list(G.parameters()),
-                                     1 - args.ema)
-                for copied, now in zip(self.nets["G_ema"].buffers(), G.buffers()):
-                    copied.copy_(now)                       # BatchNorm's running statistics
-        stop, last, sign, best = 0, step == args.steps, None, False
-        sampler = self.nets["G_ema"] if args.ema else G.eval()  # BatchNorm's running statistics
+            average_(self.nets["G_ema"], G, args.ema)
+        last, sampler = step == args.steps, self.nets["G_ema"] if args.ema else G.eval()
         if step % args.log_every == 0 or last or self.world == 1 and self.stop:
             means, stop = self.meter.line(step, args.steps, self.stop)
             sign = self.failing(means, step, args)
         if self.judge and (step % self.judge[1] == 0 or last):
             with torch.no_grad(), self.autocast:            # FID, KID, precision and recall
-                best, risen = self.judge[0](sampler, step)
+                better, risen = self.judge[0](sampler, step)
             sign = sign or risen
         if sign:
             warn(f"step {step}: training is failing: {sign}. Earlier snapshots are in "
@@ -1429,25 +1352,42 @@ class Run:
         G.train()
         keep = args.keep_every or max(1, args.steps // 5)   # by default a run keeps five snapshots
         snapshots = [self.folder.path / f"step_{step:06d}.pt"] if step % keep == 0 else []
-        if step % args.ckpt_every == 0 or last or stop or snapshots or best:
+        if step % args.ckpt_every == 0 or last or stop or snapshots or better:
             self.meter.check()
             save_checkpoint(self, self.folder.path / "last.pt", *snapshots,
-                            *[self.folder.path / "best.pt"] * best)
+                            *[self.folder.path / "best.pt"] * better)
         if stop:                                            # 3: failing training; a signal
             print(f"stopped at step {step}; " + (f"training is failing; snapshots: "
                   f"{self.folder.path}/step_*.pt" if stop == 3 else
-                  f"continue with: {continue_command(self)}") + self.best())
+                  f"continue with: {continue_command(self)}") + best(self))
             raise SystemExit(stop)
 
-    def best(self):
-        judge = self.judge and self.judge[0]
-        return judge and judge.rows and (f"; best: FID {judge.best[0]:.1f} at step "
-                                         f"{judge.best[1]}, {self.folder.path / 'best.pt'}") or ""
+
+def average_(G_ema, G, decay):
+    """--ema, in place: G_ema = decay G_ema + (1 - decay) G; BatchNorm's statistics are G's."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - decay)
+        for copied, now in zip(G_ema.buffers(), G.buffers()):
+            copied.copy_(now)
+
+
+def judging(run):
+    """(the Judge, its interval), if judged: by default each snapshot on CUDA, never elsewhere."""
+    args = run.args
+    every = args.eval_every if args.eval_every is not None else run.cuda and (
+        args.keep_every or max(1, args.steps // 5))
+    judge = every and Judge(args, run.data, run.device, run.folder, run.step)
+    return judge and judge.fidelity and (judge, every)
+
+
+def best(run):
+    judge = run.judge and run.judge[0]
+    return judge and judge.rows and (f"; best: FID {judge.best[0]:.1f} at step {judge.best[1]}, "
+                                     f"{run.folder.path / 'best.pt'}") or ""
 
 
 def fits(args, ckpt):
-    """On --resume: the checkpoint's G and D fit the models of these flags, or one line names the
-    flags typed otherwise."""
+    """On --resume, before any data is read: the models fit, or one line names the flags typed."""
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
     differ = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (it has {saved[k]})"
                        for k in args.given if k in saved and saved[k] != getattr(args, k))
@@ -1456,8 +1396,8 @@ def fits(args, ckpt):
 
 
 def same_data(args, ckpt, data):
-    """On --resume: the data the run was trained on (its folder or dataset, as many images, the same
-    classes), else one line, or, if --data was typed, a word and on. Records the count."""
+    """On --resume: the data the run was trained on (the folder or dataset, as many images,
+    the classes), or one line; --data typed otherwise: said, and trained on. Records the count."""
     n, saved, args.images = len(data["images"]), (ckpt or {"args": {}})["args"], len(data["images"])
     theirs = (ckpt or {}).get("classes", data["classes"])
     check(theirs == data["classes"], f"the checkpoint was trained on the classes "

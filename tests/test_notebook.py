@@ -101,8 +101,9 @@ def test_a_script_pasted_into_a_notebook(script, tmp_path):
 
     # the pasted script: offline, no MNIST, no bundled subset next to it -> one helpful line
     errors = outputs(pasted, "stderr").strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith(f"{script}: error: MNIST is not under data"
-                                                     f" and could not be downloaded"), errors
+    assert len(errors) == 1 and errors[0].startswith(f"{script}: error: MNIST is not under "
+                                                     f"{tmp_path / 'data'} and could not be "
+                                                     f"downloaded"), errors
     assert errors[0].endswith('train on your own images: main(["--data", "/path/to/images"])')
     assert not any(o.get("output_type") == "error" for c in nb.cells for o in c.outputs)
     assert "To exit" not in json.dumps(nb.cells[1].outputs)
