@@ -222,8 +222,7 @@ from torchvision.utils import save_image
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10",
             "mnist-mini": ""}
 CLASSES = {"fashion-mnist": "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,"
-                            "Ankle boot",
-           "cifar10": "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"}
+           "Ankle boot", "cifar10": "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DECODE_CHUNK = 2048                     # images decoded between two notes of the decode's progress
 IPYTHON = sys.modules.get("IPython")    # a Jupyter kernel (Colab, Kaggle): argv is the kernel's
@@ -322,36 +321,32 @@ def make_parser(doc):
 
 
 def parse(p, argv):
-    """The flags typed (args.given) and, on --resume, --generate, --eval, the checkpoint's:
-    given to the same parser first, so that a value refused typed is refused read."""
+    """The flags typed (args.given) and, on --resume, --generate, --eval, the checkpoint's, read
+    by the same parser first: a value refused typed is refused read."""
     argv = [str(a) for a in (argv if argv is not None else [] if NOTEBOOK else sys.argv[1:])]
     unset = object()
     typed = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
     given, args = sorted(k for k, v in typed.items() if v is not unset), p.parse_args(argv)
-    check(args.ckpt is None or args.generate is not None or args.eval,
-          "--ckpt goes with --generate or --eval; to train on, --resume")
-    check(getattr(args, "label", None) is None or args.generate is not None,
-          "--label goes with --generate")
     check(args.generate is None or args.generate > 0, f"--generate must be positive, got "
                                                       f"{args.generate}")
+    check(args.ckpt is None or args.generate or args.eval, "--ckpt goes with --generate or --eval")
+    check(getattr(args, "label", None) is None or args.generate, "--label goes with --generate")
     check("" not in (args.data, args.data_root, args.out, args.ckpt), "a path must not be empty")
     name = args.data if args.data in DATASETS else Path(os.path.abspath(expand(args.data))).name
-    tag = "" if args.data == "mnist" else "-" + "".join(c if c.isalnum() or c in "._-" else "_"
-                                                        for c in name)
+    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"-{name}") * (args.data !=
+                                                                                  "mnist")
     out = expand(f"runs/{SCRIPT[:-3]}{tag}")                # by default, the run of this data
     source = args.resume or args.ckpt                       # a checkpoint, or its folder
     source = source and expand(source) / ("last.pt" if expand(source).is_dir() else "")
     if args.resume is not None or args.generate is not None or args.eval:
-        path = source or (expand(args.out) if args.resume is not None and args.out else out) / \
-            "last.pt"
+        path = source or (expand(args.out or out) if args.resume is not None else out) / "last.pt"
         ckpt = load_checkpoint(path)
         args = p.parse_args(saved_flags(p, path, ckpt, given) + argv)
         args.checkpoint, out = (path, ckpt), path.parent / ("generated" if args.generate else "")
         args.n_classes = len(ckpt.get("classes") or []) or None  # cgan, acgan: as many as names
-    args.given, args.out = given, args.out or str(out)
-    if args.data not in DATASETS:                           # kept in checkpoints: absolute paths
-        args.data = os.path.abspath(expand(args.data))
-    args.data_root = os.path.abspath(expand(args.data_root))
+    args.given, args.out, args.data_root = given, args.out or str(out), os.path.abspath(
+        expand(args.data_root))                             # (checkpoints keep absolute paths)
+    args.data = args.data if args.data in DATASETS else os.path.abspath(expand(args.data))
     return check_flags(p, args)
 
 
@@ -376,19 +371,16 @@ def saved_flags(p, path, ckpt, given):
 
 def check_flags(p, args):
     """Every value, typed or a checkpoint's: finite numbers, counts within their limits."""
-    top = dict(steps=2 ** 31, batch_size=65536, latent_dim=2 ** 31, log_every=2 ** 31,
-               sample_every=2 ** 31, ckpt_every=2 ** 31, eval_samples=2 ** 31)
+    top = dict.fromkeys(("steps", "latent_dim", "log_every", "sample_every", "ckpt_every",
+                         "eval_samples"), 2 ** 31) | {"batch_size": 65536}
     bad = [f"--{k.replace('_', '-')} must be in 1..{n:,}, got {getattr(args, k):,}"
            for k, n in top.items() if not 0 < getattr(args, k) <= n] + [
         f"{a.option_strings[0]} must be a finite number, got {getattr(args, a.dest)}"
         for a in p._actions if a.type is float and not np.isfinite(getattr(args, a.dest)).all()]
-    for ok, msg in ((0 <= args.seed < 2 ** 63, "--seed must be in 0..2^63-1"),
-                    (min(args.keep_every, args.eval_every or 0) >= 0,
-                     "--keep-every and --eval-every must not be negative"),
-                    (0 <= args.ema < 1, "--ema must lie in [0, 1)"),
-                    (args.lr > 0, "--lr must be positive"),
-                    (all(0 <= b < 1 for b in args.betas), "--betas must lie in [0, 1)")):
-        bad += [] if ok else [msg]
+    bad += [m for ok, m in ((0 <= args.seed < 2 ** 63, "--seed must be in 0..2^63-1"), (
+        min(args.keep_every, args.eval_every or 0) >= 0, "--keep-every, --eval-every must be >= 0"),
+        (0 <= args.ema < 1, "--ema must lie in [0, 1)"), (args.lr > 0, "--lr must be positive"),
+        (all(0 <= b < 1 for b in args.betas), "--betas must lie in [0, 1)")) if not ok]
     p.error(bad[0]) if bad else None                        # (a checkpoint's: said as its)
     args.betas = tuple(args.betas)
     return args
@@ -424,28 +416,37 @@ def make_dir(out):
     return made
 
 
+def locked(path, wait=False):
+    """The file at path, open and locked (fcntl; Windows: no lock), or None if another holds it."""
+    f = open(path, "a")
+    with suppress(ImportError):
+        import fcntl
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:                             # (another's: the file is not ours)
+            return f.close()
+    return f
+
+
 # %% Data
 def load_data(args, device):
-    """uint8 images (N, C, H, W), labels (cgan.py, acgan.py), class names. The images live
-    where they fit (--data-in): on the training device (a batch is an index into them, not a
-    DataLoader), in host memory, or mapped from the decode cache on disk."""
+    """uint8 images (N, C, H, W), labels (cgan, acgan), class names; the images live where they
+    fit (--data-in): the training device (a batch indexes them), host memory, or the disk cache."""
     images, labels, classes = (load_named if args.data in DATASETS else load_folder)(args, device)
-    need, mapped = images.nbytes, isinstance(images, np.memmap)
+    need, mapped, cuda = images.nbytes, isinstance(images, np.memmap), device.type == "cuda"
     host = need < free_memory() / 2                         # leaving room for the process
-    fits = need < torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else host
-    where = args.data_in if args.data_in != "auto" else "device" if fits else "host" if host or \
-        not mapped else "disk"
-    where = "host" if where == "disk" and not mapped else where
-    where = "device" if where == "host" and device.type != "cuda" else where  # (one memory)
-    check(where == "disk" or device.type == "cuda" and where == "device" or need < free_memory(),
-          f"the images need {need / 1e9:.1f} GB of memory, {free_memory() / 1e9:.1f} GB are free: "
-          f"a smaller --img-size, or --data-in disk")
+    fits = need < torch.cuda.mem_get_info(device)[0] / 2 if cuda else host
+    where = args.data_in.replace("auto", "device" if fits else "host" if host else "disk")
+    where = "host" if where == "disk" and not mapped else where   # (a named dataset: in memory)
+    where = "device" if where == "host" and not cuda else where   # (one memory)
+    check(where == "disk" or cuda and where == "device" or need < free_memory(), f"the images "
+          f"need {need / 1e9:.1f} GB, the memory has {free_memory() / 1e9:.1f}: --data-in disk")
     about = f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""
+    said = {"device": f"in {device.type} memory", "disk": "on disk (the decode cache)"}
     print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x"
-          f"{args.img_size}{about}, " + {"device": f"in {device.type} memory", "host": "in host "
-                                         "memory", "disk": "on disk (the decode cache)"}[where])
-    labels = labels.to(device) if CONDITIONAL else None
-    return {"images": place(images, where, device), "labels": labels, "classes": classes}
+          f"{args.img_size}{about}, {said.get(where, 'in host memory')}")
+    return {"images": place(images, where, device), "classes": classes,
+            "labels": labels.to(device) if CONDITIONAL else None}
 
 
 def place(images, where, device):
@@ -469,8 +470,7 @@ def free_memory():
 
 
 def sample_real(data, batch_size, device, with_labels=False):
-    """Random training images in [-1, 1] (tanh's range), drawn on the training device
-    wherever the images live: every place gives the same batches."""
+    """Random training images in [-1, 1] (tanh's), indexed on the training device (any place)."""
     idx = torch.randint(0, len(data["images"]), (batch_size,), device=device)
     x = data["images"][idx.to(data["images"].device)].to(device, non_blocking=True)
     x = x.float().div_(127.5).sub_(1.0)
@@ -478,14 +478,14 @@ def sample_real(data, batch_size, device, with_labels=False):
 
 
 def load_named(args, device="cpu"):
-    """MNIST, Fashion-MNIST, CIFAR-10: IDX files read where they lie (gzipped or not, also
-    read-only), else downloaded; offline, MNIST falls back to mnist-mini. Resized on `device`."""
+    """MNIST, Fashion-MNIST, CIFAR-10: IDX files where they lie (also .gz, read-only), else
+    downloaded; offline, MNIST falls back to mnist-mini. Resized on `device`."""
     root = expand(args.data_root)
     images, labels = load_mini() if args.data == "mnist-mini" else read_idx(
         root / DATASETS[args.data] / "raw") or download(args, root)
     x = torch.from_numpy(images[:, None] if images.ndim == 3 else images)  # MNIST: add C
-    args.channels = args.channels or x.shape[1]
-    args.img_size = args.img_size or SMALL_IMG_SIZE or x.shape[-1]
+    args.channels, args.img_size = args.channels or x.shape[1], args.img_size or SMALL_IMG_SIZE \
+        or x.shape[-1]
     x = torch.cat([fit(chunk.to(device), args.channels, args.img_size) for chunk in x.split(8192)])
     classes = CLASSES.get(args.data, "0,1,2,3,4,5,6,7,8,9").split(",")
     check(0 <= labels.min() and labels.max() < len(classes), f"{args.data}: labels outside "
@@ -554,8 +554,8 @@ def load_mini(offline=""):
 
 
 def load_folder(args, device=None):
-    """Every image under the folder (recursively, through links, not hidden ones, nor a run's),
-    resized and cropped to --img-size, decoded once. cgan.py, acgan.py: a subfolder per class."""
+    """Every image under the folder (through links; not hidden, nor a run's), resized, cropped,
+    decoded once. cgan.py, acgan.py: each first-level subfolder is a class."""
     root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
@@ -563,20 +563,18 @@ def load_folder(args, device=None):
     args.img_size, args.channels = args.img_size or PHOTO_IMG_SIZE, args.channels or 3
     files, seen = [], set()
     for folder, dirs, names in os.walk(root, followlinks=True):
-        if os.path.realpath(folder) in seen or ".lock" in names:  # a run's, --generate's folder
-            dirs.clear()
-            continue
+        new = os.path.realpath(folder) not in seen and ".lock" not in names  # (not a run's)
         seen.add(os.path.realpath(folder))
-        dirs[:] = [d for d in dirs if d[0] != "."]
-        files += [Path(folder, n) for n in names if n[0] != "." and n.lower().endswith(IMAGE_EXTS)]
+        dirs[:] = [d for d in dirs if d[0] != "." and new]
+        files += [Path(folder, n) for n in names if new and n[0] != "." and n.lower().endswith(
+            IMAGE_EXTS)]
     outside = {f for f in files if CONDITIONAL and f.parent == root}  # (cgan, acgan: in no class)
     files = sorted(set(files) - outside)
     check(files, f"no images ({' '.join(IMAGE_EXTS)}) under {root}" + CONDITIONAL * (
         f" in class subfolders (e.g. {root}/cat/*.jpg, {root}/dog/*.jpg)"))
     images, bad, first = decode_folder(root, files, args.img_size, args.channels)
     if bad:
-        warn(f"skipped {len(bad)} of {len(files)} images that could not be read (the first: "
-             f"{first})")
+        warn(f"skipped {len(bad)} of {len(files)} images that could not be read (first: {first})")
     if not CONDITIONAL:
         return images, None, None
     kept = [f.relative_to(root).parts[0] for i, f in enumerate(files) if i not in bad]
@@ -591,32 +589,29 @@ def load_folder(args, device=None):
 
 
 def decode_folder(root, files, size, channels):
-    """The files decoded once, in threads, straight into the decode cache (open_cache): the
-    readable images in order, the indices of the others, and why the first was not readable."""
+    """The files decoded (threads) into the cache: the readable images, the others, a reason."""
     try:
         key = digest([(str(f.relative_to(root)), s.st_size, s.st_mtime_ns, s.st_ctime_ns)
                       for f in files for s in [f.stat()]])  # (ctime: a write, mtime kept or not)
     except OSError as e:                                    # (a file gone meanwhile)
         fail(f"{root} changed while it was read ({why(e)}); run again")
-    name = f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npy"
-    cache = cache_dir() / name                              # (and its .json, .lock)
+    cache = cache_dir() / f"{root.resolve().name}-{digest(root.resolve())}-{size}-{channels}.npy"
     images, info, lock = open_cache(cache, key, (len(files), channels, size, size))
     done = info["done"]                                     # (a stopped decode's, or all)
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
-        for start in range(info["done"], len(files), DECODE_CHUNK):
-            for i, image in enumerate(pool.map(lambda f: decode_image(f, size, channels),
-                                               files[start:start + DECODE_CHUNK]), start):
+        for start in range(done, len(files), DECODE_CHUNK):
+            chunk = files[start:start + DECODE_CHUNK]
+            for i, image in enumerate(pool.map(decode_image, chunk, itertools.repeat(size),
+                                               itertools.repeat(channels)), start):
                 if isinstance(image, str):                  # why it could not be read
-                    info["bad"].append(i)
-                    info["first"] = info["first"] or image
+                    info["bad"], info["first"] = info["bad"] + [i], info["first"] or image
                 else:                                       # the readable ones, in order
-                    images[info["n"]] = image
-                    info["n"] += 1
-            info["done"] = min(start + DECODE_CHUNK, len(files))
-            if lock:                                        # the chunk first, then the word
+                    images[info["n"]], info["n"] = image, info["n"] + 1
+            info["done"] = start + len(chunk)
+            if lock:                                        # the chunk first, then the note
                 images.flush()
-                write_json(cache.with_suffix(".json"), info)
+                atomically(cache.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))
     check(info["n"], f"none of the {len(files)} images under {root} is readable: {info['first']}")
     print(f"data: {info['n']} images from the decode cache {cache}" if done == len(files) else
           "data: decoded into memory" if not lock else f"data: decoded once, cached at {cache}" +
@@ -626,29 +621,27 @@ def decode_folder(root, files, size, channels):
 
 
 def open_cache(cache, key, shape):
-    """The decode cache: a .npy mapped into memory, beside a .json of its key (the files' names,
-    sizes, times) and how far the decode got, so that a stopped one goes on; .lock: one decode at
-    a time. Without room for it, a warning and an array in memory."""
-    images, fresh = None, {"done": 0, "n": 0, "bad": [], "first": ""}
+    """The decode cache: a .npy mapped into memory, a .json of its key (the files' names, sizes,
+    times) and progress (a stopped decode goes on), a .lock (one decode at a time)."""
+    fresh, old = {"key": key, "done": 0, "n": 0, "bad": [], "first": ""}, cache.with_suffix(".npz")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.with_suffix(".npz").unlink(missing_ok=True)   # an older version's cache: replaced
-        lock = open(cache.with_suffix(".lock"), "a")
-        with suppress(ImportError):
-            __import__("fcntl").flock(lock, 2)              # (LOCK_EX: waits for another decode)
-        info = read_json(cache.with_suffix(".json"))
-        with suppress(OSError, ValueError):                 # absent, or cut short
+        print(f"data: {old} (an older version's) goes, decoded once more") if old.exists() else 0
+        old.unlink(missing_ok=True)
+        lock, info = locked(cache.with_suffix(".lock"), wait=True), read_json(cache.with_suffix(
+            ".json"))
+        with suppress(OSError, ValueError):                 # (absent, cut short: decoded again)
             images = np.lib.format.open_memmap(cache, "r") if info.get("key") == key else None
-        if images is not None and images.shape == shape:    # (r+ would lengthen a cut file)
-            return np.lib.format.open_memmap(cache, "r+") if info["done"] < shape[0] else images, \
-                info, lock
-        warn(f"the decode cache {cache} is damaged; decoding again") if info.get("key") == key \
-            else None
+            if images is not None and images.shape == shape:  # (r+ would lengthen a cut file)
+                mode = "r+" if info["done"] < shape[0] else "r"
+                return np.lib.format.open_memmap(cache, mode), info, lock
+        if info.get("key") == key:
+            warn(f"the decode cache {cache} is damaged; decoding again")
         cache.unlink(missing_ok=True)                       # (a run that maps it keeps its own)
         images = np.lib.format.open_memmap(cache, "w+", np.uint8, shape)
         with suppress(AttributeError), open(cache, "r+b") as f:  # the disk space, now
             os.posix_fallocate(f.fileno(), 0, os.path.getsize(cache))
-        return images, dict(fresh, key=key), lock
+        return images, fresh, lock
     except OSError as e:                                    # no room, a file in its place
         need = np.prod(shape) / 1e9
         warn(f"could not write the decode cache {cache} ({why(e)}; it needs {need:.1f} GB); "
@@ -662,10 +655,6 @@ def read_json(path):
     with suppress(OSError, ValueError):
         return json.loads(path.read_text())
     return {}
-
-
-def write_json(path, value):
-    atomically(path, lambda tmp: tmp.write_text(json.dumps(value)))
 
 
 def decode_image(path, size, channels):
@@ -720,9 +709,16 @@ def load_state(obj, state, name, differ=""):
                                                         "width) given otherwise?"))
 
 
+def saved_G(args):
+    """--generate, --eval: the device, and the checkpoint's G (its EMA, if saved) in eval mode."""
+    device, ckpt = pick_device(args.device), args.checkpoint[1]
+    G = build_models(args)[0].to(device).eval()
+    load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")
+    return device, G
+
+
 def save_checkpoint(run, *paths):
-    """A plain dict (CKPT_KEYS), written atomically by rank 0 alone, and only if every weight
-    and optimizer state in it is finite: the last good one resumes."""
+    """A plain dict (CKPT_KEYS), written atomically by rank 0 alone, only if it is all finite."""
     tensors = [t for k in "GD" for t in run.nets[k].state_dict().values()]
     tensors += [t for k in ("opt_G", "opt_D") for state in run.nets[k].state.values()
                 for t in state.values() if torch.is_tensor(t)]
@@ -739,18 +735,15 @@ def save_checkpoint(run, *paths):
     if CONDITIONAL:
         state.update(fixed_labels=run.fixed[1], classes=run.data["classes"])
     for path in paths if run.rank == 0 else []:
-        save_atomic(state, path)
+        try:
+            atomically(path, lambda tmp: torch.save(state, tmp))
+        except (OSError, RuntimeError) as e:                # (a full disk: RuntimeError in torch)
+            fail(f"could not write {path}, is the disk full? ({why(e)}); the last checkpoint is "
+                 f"kept")
     if run.world > 1:             # the others wait for the files. The handle outlives close():
         run.saved = dist.barrier(async_op=True)     # torch < 2.8 can hang destroying the group
         run.saved.wait()          # if gloo's threads still hold a collective's tensors then
     run.last_good = paths[0]
-
-
-def save_atomic(state, path):
-    try:
-        atomically(path, lambda tmp: torch.save(state, tmp))
-    except (OSError, RuntimeError) as e:                    # (a full disk: RuntimeError in torch)
-        fail(f"could not write {path}, is the disk full? ({why(e)}); the last checkpoint is kept")
 
 
 def atomically(path, write):
@@ -766,11 +759,11 @@ def atomically(path, write):
 def restore_checkpoint(run, ckpt):
     """Models, optimizers (with this run's --lr and --betas), fixed noise, step, random streams."""
     for name, obj in run.nets.items():
-        groups = getattr(obj, "param_groups", [])           # an optimizer's: lr, betas, ...
-        flags = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in getattr(obj,
+                                                                                "param_groups", [])]
         load_state(obj, ckpt.get(name, ckpt["G"]), name)    # (G_ema: G's, if not saved)
-        for group, flag in zip(getattr(obj, "param_groups", []), flags):
-            group.update(flag)
+        for group, flags in zip(getattr(obj, "param_groups", []), groups):
+            group.update(flags)                             # (an optimizer's: lr, betas, ...)
     fixed = tuple(t.to(run.device) for t in (ckpt["fixed_noise"],
                                              ckpt.get("fixed_labels"))[:len(run.fixed)])
     check([t.shape for t in fixed] == [t.shape for t in run.fixed], "its fixed noise has the "
@@ -779,8 +772,7 @@ def restore_checkpoint(run, ckpt):
         check(all(t.shape == p.shape for g in opt.param_groups for p in g["params"]
                   for t in opt.state.get(p, {}).values() if t.dim()), "an optimizer's state does "
               "not fit its parameters")
-    run.fixed = fixed
-    streams = ckpt["rng"].get("ranks", [ckpt["rng"]])      # a stream per process
+    run.fixed, streams = fixed, ckpt["rng"].get("ranks", [ckpt["rng"]])  # a stream per process
     launch = f"torchrun --nproc_per_node={len(streams)}" if len(streams) > 1 else "python"
     check(len(streams) == run.world, f"the checkpoint was written by {len(streams)} processes; "
           f"resume it with as many ({launch})")
@@ -793,16 +785,13 @@ def restore_checkpoint(run, ckpt):
 
 # %% --generate, pictures, D without BatchNorm
 def generate(args):
-    """--generate N: N images from the checkpoint's G (its EMA, if saved) as <index>.png (cgan,
-    acgan: <label>_<index>.png, the classes in turn, or --label), into a folder holding none of
-    those names, locked as a run's folder is (so the scan of --data skips it)."""
-    device, ckpt, label = pick_device(args.device), args.checkpoint[1], getattr(args, "label", None)
-    G = build_models(args)[0].to(device).eval()
-    load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")
-    n, index = len(ckpt.get("classes") or [0]), range(args.generate)
+    """--generate N: N images of the checkpoint's G, <index>.png (cgan, acgan: <label>_<index>.png),
+    in a locked folder (the --data scan skips it) that holds none of these names."""
+    device, G = saved_G(args)
+    n, label = len(args.checkpoint[1].get("classes") or [0]), getattr(args, "label", None)
     check(label is None or 0 <= label < n, f"--label must be in 0..{n - 1}")
-    labels = [i % n if label is None else label for i in index]
-    names = [f"{y}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png" for i, y in zip(index, labels)]
+    names = [f"{i % n if label is None else label}_{i:06d}.png" if CONDITIONAL else f"{i:06d}.png"
+             for i in range(args.generate)]
     with closing(Folder(expand(args.out))) as folder:
         folder.take()
         taken = next((name for name in names if (folder.path / name).exists()), None)
@@ -810,14 +799,20 @@ def generate(args):
                              f"names, e.g. --out {free(folder.path)}")
         folder.ours = True
         torch.manual_seed(args.seed)
-        for first in range(0, args.generate, 256):
-            z = torch.randn(len(index[first:first + 256]), args.latent_dim, device=device)
-            with torch.no_grad():
-                images = G(z, torch.tensor(labels[first:first + 256], device=device)) \
-                    if CONDITIONAL else G(z)
-            for name, image in zip(names[first:first + 256], images):
-                save_grid(image, folder.path / name)
+        images = (image for batch in samples_of(G, args, device, n, label) for image in batch)
+        for name, image in zip(names, images):
+            save_grid(image, folder.path / name)
     print(f"wrote {args.generate} images to {folder.path}")
+
+
+def samples_of(G, args, device, classes=1, label=None, n=None, generator=None):
+    """n (default: --generate) images of G, 256 at a time, the classes in turn (or all `label`)."""
+    for first in range(0, n or args.generate, 256):
+        y = torch.arange(first, min(first + 256, n or args.generate), device=device)
+        y = y % classes if label is None else torch.full_like(y, label)
+        z = torch.randn(len(y), args.latent_dim, generator=generator, device=device)
+        with torch.no_grad():
+            yield G(z, y) if CONDITIONAL else G(z)
 
 
 def free(path):
@@ -833,9 +828,8 @@ def save_grid(images, path):
 
 
 def without_batchnorm(net):
-    """Every BatchNorm of net replaced by nothing. Its layers stay without the bias that DCGAN
-    leaves out next to BatchNorm: one added drew worse digits under --spectral-norm at 8,000 steps
-    (two seeds; docs/long-runs.md)."""
+    """Every BatchNorm of net replaced by nothing, no bias added (it drew worse digits under
+    --spectral-norm at 8,000 steps, two seeds: docs/long-runs.md)."""
     for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
         for i, layer in enumerate(seq):
             seq[i] = nn.Identity() if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer
@@ -843,9 +837,8 @@ def without_batchnorm(net):
 
 
 def spectral_norm_(D):
-    """--spectral-norm (Miyato et al. 2018), in place: every conv and linear layer of D divided by
-    its largest singular value (one power iteration per step), so that D stays 1-Lipschitz and
-    cannot win outright; no BatchNorm in D, as in the paper's networks."""
+    """--spectral-norm (Miyato et al. 2018), in place: every conv and linear layer of D divided
+    by its largest singular value, so that D stays 1-Lipschitz; no BatchNorm in D (the paper's)."""
     for layer in list(without_batchnorm(D).modules()):
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             nn.utils.parametrizations.spectral_norm(layer)
@@ -854,9 +847,8 @@ def spectral_norm_(D):
 
 # %% The run's folder: its lock, which run may write there, its pictures and logs
 class Folder:
-    """--out, created and locked before anything slow: two runs never write one folder (the OS
-    frees the lock when the process ends). It holds one run; another may only continue its
-    last.pt. Under torchrun rank 0 alone writes."""
+    """--out, locked before anything slow (two runs never write one folder); it holds one run,
+    another may only continue its last.pt. Under torchrun rank 0 alone writes."""
 
     def __init__(self, path):
         self.path, self.lock, self.made, self.ours = path, None, [], False
@@ -864,16 +856,8 @@ class Folder:
     def take(self):
         """Create and lock the folder; once ours, its .lock stays (the scan of --data skips it)."""
         self.made, self.new = make_dir(self.path), not (self.path / ".lock").exists()
-        self.lock = open(self.path / ".lock", "a")
-        with suppress(ImportError):
-            import fcntl
-            try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:                         # not ours: close() keeps it
-                self.lock.close()
-                self.lock = None
-                fail(f"another run is writing to {self.path}; wait for it to end, or give another "
-                     f"--out")
+        self.lock = locked(self.path / ".lock")             # (another run's: close() keeps it)
+        check(self.lock, f"another run is writing to {self.path}; wait for it, or another --out")
         for tmp in self.path.glob(".*.tmp"):                # no one else writes here: a killed
             tmp.unlink(missing_ok=True)                     # save's temporary file
 
@@ -935,8 +919,8 @@ class Folder:
 
 
 def read_rows(folder, name, step):
-    """On --resume, a CSV of the run's: its rows up to the checkpoint's step (the file written
-    again without later or damaged ones; one damaged: kept as NAME.damaged). Step 0: a new file."""
+    """--resume: a CSV's rows up to the step (later and damaged rows dropped, the file written
+    again; a damaged one kept as NAME.damaged). Step 0: a new file."""
     path, rows, lines = folder.path / name, [], [[]]
     with suppress(OSError, ValueError), open(path, newline="", errors="replace") as f:
         lines = list(csv.reader(f)) if step else [[]]       # (none yet; a folder in its place)
@@ -989,9 +973,8 @@ def plot(rows, header, path, last=-1, W=800, H=420, pad=60):
 
 # %% The meter: each step's numbers, summed on the device until a log line
 class Meter:
-    """The steps' numbers, summed on the device (no host sync), with the first NaN/inf step; at a
-    log line (torchrun: the processes' means; they agree on a NaN and a stop) a log.csv row and
-    the progress line."""
+    """Each step's numbers summed on the device (no host sync), the first NaN/inf step kept; at a
+    log line (torchrun: all processes' means, one stop) a log.csv row and the progress line."""
 
     def __init__(self, run):
         self.run, self.sums, self.images, self.t0 = run, None, 0, time.time()
@@ -1013,8 +996,7 @@ class Meter:
         check(step < 0, f"{what} became NaN/inf at step {step}; stopping ({kept}); lower --lr?")
 
     def eta(self, step, total):
-        """After this process's first step, at once: the time left at its pace (and, if that is
-        hours on a CPU, what takes one)."""
+        """After this process's first step, at once: the time left (a CPU: what takes an hour)."""
         self.sums.sum().item()                              # (the device's work done)
         each = (time.time() - self.t0) / self.count
         hint = "" if self.run.cuda or each * (total - step) < 3600 else (
@@ -1048,8 +1030,8 @@ class Meter:
 
 # %% When training is failing (docs/long-runs.md): the script's sign, or FID risen from its best
 class FailingRule:
-    """The warning that training is failing, from the script's sign (failing()) in the log lines'
-    means: once per episode, after FAILING_LINES in a row, not in a run's first steps."""
+    """The warning that training is failing: the script's failing() sign in FAILING_LINES log
+    lines in a row, once per episode, not in a run's first steps."""
     QUIET_STEPS, QUIET_SHARE = 1000, 0.1   # not judged: the first 1000 steps or tenth of a run
     FAILING_LINES, HEALTHY_LINES = 5, 20
     bad = good = warned = 0                # failing and healthy lines in a row; said this episode
@@ -1067,10 +1049,9 @@ class FailingRule:
 
 # %% Quality: FID, KID, precision and recall (torch-fidelity), metrics.csv, best.pt
 class Judge:
-    """G judged as the field judges GANs (README: Quality): torch-fidelity's features of
-    --eval-samples of its images and of up to 50,000 training images as the model sees them give
-    FID, KID, precision and recall. G draws with its own random stream, in eval mode: a judged
-    run trains exactly as one that is not."""
+    """G judged (README: Quality): torch-fidelity's features of --eval-samples of its images and of
+    up to 50,000 training images give FID, KID, precision, recall. Its own random stream, eval
+    mode: a judged run trains as one that is not."""
     RISE, TIMES = 1.25, 2                  # failing: FID 25% over its best at two in a row
     HEADER = ["step", "fid", "kid", "kid_std", "precision", "recall", "samples", "seconds"]
 
@@ -1090,25 +1071,20 @@ class Judge:
             lambda: self.features(real), cache_root=str(cache_dir()), verbose=False)
 
     def features(self, images):
-        """uint8 images (N, C, H, W), 250 at a time -> the extractor's features (N, D)."""
+        """uint8 images (N, C, H, W), 256 at a time -> the extractor's features (N, D)."""
         with torch.no_grad():
             return torch.cat([self.fidelity[0](x.to(self.device, torch.uint8).expand(-1, 3, -1, -1))
-                              [0].double().cpu() for x in images.split(250)])
+                              [0].double().cpu() for x in images.split(256)])
 
     def __call__(self, G, step=None):
         """The figures for G; in a run also metrics.csv, fid.png, the progress line, and
         (whether this is the best FID so far, the failing sign or None)."""
-        args, tf, t0, fakes = self.args, self.fidelity[1], time.time(), []
-        n = args.eval_samples
+        args, tf, t0, n = self.args, self.fidelity[1], time.time(), self.args.eval_samples
         g = torch.Generator(self.device).manual_seed(args.seed)
-        with torch.no_grad():
-            for i in range(0, n, 250):                      # (the classes in turn, as --generate)
-                z = torch.randn(min(250, n - i), args.latent_dim, generator=g, device=self.device)
-                x = G(z, torch.arange(i, i + len(z), device=self.device) % self.classes) \
-                    if CONDITIONAL else G(z)
-                fakes.append(self.features(x.float().add(1).mul(127.5).round().clamp(0, 255)))
-        fake, kw = torch.cat(fakes), dict(verbose=False, save_cpu_ram=True, prc_batch_size=1000,
-                                          kid_subset_size=min(1000, n, len(self.real)))
+        fake = torch.cat([self.features(x.float().add(1).mul(127.5).round().clamp(0, 255)) for x
+                          in samples_of(G, args, self.device, self.classes, n=n, generator=g)])
+        kw = dict(verbose=False, save_cpu_ram=True, prc_batch_size=1000,
+                  kid_subset_size=min(1000, n, len(self.real)))
         fid = tf.metric_fid.fid_statistics_to_metric(*[tf.metric_fid.fid_features_to_statistics(
             f) for f in (fake, self.real)], False)["frechet_inception_distance"]
         kid = tf.metric_kid.kid_features_to_metric(fake, self.real, **kw)
@@ -1126,6 +1102,10 @@ class Judge:
               f"{m['recall']:.2f}" + " (best)" * best, flush=True)
         return best, self.worse == self.TIMES and (f"FID rose from {self.best[0]:.1f} (step "
                                                    f"{self.best[1]}, best.pt) to {fid:.1f}")
+
+    def said(self):
+        return self.rows and (f"; best: FID {self.best[0]:.1f} at step {self.best[1]}, "
+                              f"{self.folder.path / 'best.pt'}") or ""
 
 
 def fidelity(args, device):
@@ -1150,9 +1130,7 @@ def fidelity(args, device):
 
 def judge_checkpoint(args):
     """--eval: one checkpoint's figures and how they were had, printed; writes only a cache."""
-    device, ckpt = pick_device(args.device), args.checkpoint[1]
-    G = build_models(args)[0].to(device).eval()
-    load_state(G, ckpt.get("G_ema", ckpt["G"]), "G")
+    device, G = saved_G(args)
     judge = Judge(args, load_data(args, device), device)
     m = judge(G)
     print(" ".join(f"{k} {v:.4g}" for k, v in m.items()))
@@ -1160,23 +1138,28 @@ def judge_checkpoint(args):
           f"{len(judge.real):,} training images at {args.img_size}x{args.img_size}")
 
 
-# %% Fast paths: bf16 autocast, torchrun's DistributedDataParallel, torch.compile, CUDA graphs
+# %% Fast paths: bf16 autocast, torchrun's DDP, torch.compile, CUDA graphs (kernels/graphs.py)
 def fast_paths(run, G, D):
     """--amp, torchrun's DDP, --compile, --cuda-graph: returns the modules the steps call."""
     args, cuda = run.args, run.cuda
     bf16 = cuda and torch.cuda.get_device_capability(run.device)[0] >= 8
+    try:                                                    # (the repository's kernels/; a script
+        from kernels.graphs import CudaGraphs               # pasted alone: eager steps)
+    except ImportError:
+        CudaGraphs = None
     graphs = args.cuda_graph and cuda and run.world == 1 and run.data["images"].is_cuda
-    run.graphs = CudaGraphs(run) if graphs else None
+    run.graphs = CudaGraphs(run, warn, fail) if graphs and CudaGraphs else None
     for flag in [f for f in ("amp", "compile", "cuda_graph") if getattr(args, f) and not cuda]:
         print(f"--{flag.replace('_', '-')} is for CUDA; running without it on {run.device.type}")
-    if args.cuda_graph and cuda and not graphs:             # (DDP's all-reduce hooks, host data)
-        print("--cuda-graph: not under torchrun, nor with the images off the GPU; eager steps")
-    if args.compile and graphs:
+    if args.cuda_graph and cuda and not run.graphs:         # (DDP's all-reduce hooks, host data)
+        print("--cuda-graph: not under torchrun, nor with the images off the GPU, nor without the "
+              "repository's kernels/; eager steps")
+    if args.compile and run.graphs:
         print("--compile: not with --cuda-graph (which launches the whole step at once)")
     if args.amp and cuda and not bf16:
         print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
-    amp = torch.autocast("cuda", torch.bfloat16, cache_enabled=not graphs) if args.amp and bf16 \
-        else None
+    amp = torch.autocast("cuda", torch.bfloat16, cache_enabled=not run.graphs) if args.amp and \
+        bf16 else None
     run.autocast = amp or nullcontext()
     if run.world > 1:                       # gradients averaged over the processes; BatchNorm
         with warnings.catch_warnings():     # statistics: each its own (torch 2.14 renames the flag)
@@ -1185,62 +1168,14 @@ def fast_paths(run, G, D):
                     for net in (G, D))
         print(f"{run.world} processes: batch {args.batch_size} each, "
               f"{args.batch_size * run.world} in all")
-    compiled = args.compile and cuda and not graphs
+    compiled = args.compile and cuda and not run.graphs
     return (torch.compile(G), torch.compile(D)) if compiled else (G, D)
-
-
-class CudaGraphs:
-    """--cuda-graph: step() captured as one CUDA graph after WARMUP eager steps on a side stream,
-    then replayed: one launch per update, where a small GAN spends its time launching kernels.
-    One graph per key (wgan.py: per critic count); capturable optimizers. A step that cannot be
-    captured trains eagerly, said in one line."""
-    WARMUP = 3
-
-    def __init__(self, run):
-        self.run, self.graphs, self.seen, self.stream = run, {}, {}, torch.cuda.Stream()
-        for opt in (run.nets["opt_G"], run.nets["opt_D"]):
-            for group in opt.param_groups:
-                group["capturable"] = True
-            for state in opt.state.values():                # (a checkpoint's eager optimizer)
-                state["step"] = state["step"].to(run.device)
-
-    def __call__(self, step, args):
-        run = self.run
-        if args in self.graphs:
-            graph, stats, run.batches = self.graphs[args]
-            graph.replay()
-            return stats
-        self.seen[args] = self.seen.get(args, 0) + 1
-        graph, failed = torch.cuda.CUDAGraph() if self.seen[args] > self.WARMUP else None, None
-        self.stream.wait_stream(torch.cuda.current_stream())  # warm-up and capture: one stream
-        with torch.cuda.stream(self.stream), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*capturable=True")  # (the eager warm-up steps)
-            try:
-                with torch.cuda.graph(graph, stream=self.stream) if graph else nullcontext():
-                    stats = step(*args)                     # (a capture records, runs nothing)
-            except Exception as e:
-                if not graph:
-                    raise
-                failed = e.__context__ or e                 # (the capture's end: "previous error")
-            if failed:                                      # out of the capture, the graph dropped
-                warn(f"--cuda-graph: this step cannot be captured ({why(failed)}); eager steps")
-                run.graphs, graph, run.batches = None, None, 0
-                try:
-                    stats = step(*args)
-                except Exception as e:                      # (older torch: the RNG still captures)
-                    fail(f"--cuda-graph: the step failed captured ({why(failed)}) and eagerly "
-                         f"({why(e)}); run without --cuda-graph")
-        torch.cuda.current_stream().wait_stream(self.stream)
-        if graph:
-            self.graphs[args] = graph, stats, run.batches
-            graph.replay()
-        return stats
 
 
 # %% The loop: the steps, and after each one the EMA, the log, evaluations, grids, checkpoints
 class Run:
-    """What train() needs besides the paper: the device, --out, the data, --resume, the grids'
-    noise, then the loop. Run.observers: f(run, stats) after every step (for the tests)."""
+    """What train() needs besides the paper: device, --out, data, --resume, the grids' noise,
+    the loop. Run.observers: f(run, stats) after every step (for the tests)."""
     observers = []
 
     def __init__(self, args):
@@ -1255,9 +1190,8 @@ class Run:
             raise
 
     def open(self):
-        """Rank 0 (the only process without torchrun) claims --out first, before any slow work and
-        before it joins torchrun's other processes: they wait for it in init_process_group, and the
-        launcher ends them if it refuses (a collective there could hang in torch 2.4's gloo)."""
+        """Rank 0 (alone without torchrun) claims --out before anything slow and before the other
+        processes join (they wait in init_process_group; a collective here can hang torch 2.4)."""
         args, self.device = self.args, pick_device(self.args.device)
         self.cuda = self.device.type == "cuda"
         self.folder, step = Folder(expand(args.out)), self.ckpt and self.ckpt["step"]
@@ -1343,12 +1277,11 @@ class Run:
             if self.step == first < self.args.steps and first % self.args.log_every:
                 self.meter.eta(first, self.args.steps)      # (not at the first log line)
         print(f"done: samples in {self.folder.path / 'samples'}, checkpoint "
-              f"{self.folder.path / 'last.pt'}" + best(self))
+              f"{self.folder.path / 'last.pt'}" + (self.judge and self.judge[0].said() or ""))
 
     def after_step(self):
-        """In this order, which exact resume depends on: --ema's average, then the log line (where
-        torchrun's processes agree on a stop), an evaluation, the grid (G in eval mode: no update
-        of BatchNorm's statistics), the checkpoints (with every random stream as it is now)."""
+        """In the order exact resume needs: the EMA, the log line (where torchrun agrees on a stop),
+        an evaluation, the grid (G in eval mode), the checkpoints (random streams as they are)."""
         args, step, G, stop, sign, better = self.args, self.step, self.nets["G"], 0, None, False
         if args.ema:                                        # G_ema = decay G_ema + (1 - decay) G
             average_(self.nets["G_ema"], G, args.ema)
@@ -1380,7 +1313,8 @@ class Run:
         if stop:                                            # 3: failing training; a signal
             print(f"stopped at step {step}; " + (f"training is failing; snapshots: "
                   f"{self.folder.path}/step_*.pt" if stop == 3 else
-                  f"continue with: {continue_command(self)}") + best(self))
+                  f"continue with: {continue_command(self)}") + (self.judge and
+                                                                 self.judge[0].said() or ""))
             raise SystemExit(stop)
 
 
@@ -1401,12 +1335,6 @@ def judging(run):
     return judge and judge.fidelity and (judge, every)
 
 
-def best(run):
-    judge = run.judge and run.judge[0]
-    return judge and judge.rows and (f"; best: FID {judge.best[0]:.1f} at step {judge.best[1]}, "
-                                     f"{run.folder.path / 'best.pt'}") or ""
-
-
 def fits(args, ckpt):
     """On --resume, before any data is read: the models fit, or one line names the flags typed."""
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}
@@ -1417,8 +1345,8 @@ def fits(args, ckpt):
 
 
 def same_data(args, ckpt, data):
-    """On --resume: the data the run was trained on (the folder or dataset, as many images,
-    the classes), or one line; --data typed otherwise: said, and trained on. Records the count."""
+    """--resume: the data it was trained on (folder or dataset, count, classes), or one line;
+    --data typed otherwise is said and trained on. Records the count."""
     n, saved, args.images = len(data["images"]), (ckpt or {"args": {}})["args"], len(data["images"])
     theirs = (ckpt or {}).get("classes", data["classes"])
     check(theirs == data["classes"], f"the checkpoint was trained on the classes "
