@@ -1051,8 +1051,8 @@ class Judge:
     RISE, TIMES = 1.25, 2                  # failing: FID 25% over its best at two in a row
     HEADER = ["step", "fid", "kid", "kid_std", "precision", "recall", "samples", "seconds"]
 
-    def __init__(self, args, data, device, folder=None, step=0):
-        self.args, self.device, self.folder, self.worse = args, device, folder, 0
+    def __init__(self, args, data, device, folder=None, step=0, every=0):
+        self.args, self.device, self.folder, self.worse, self.every = args, device, folder, 0, every
         self.classes, self.fidelity = len(data["classes"] or [0]), fidelity(args, device)
         self.rows = folder and read_rows(folder, "metrics.csv", step)[1] or []
         self.best = min([(r[1], r[0]) for r in self.rows], default=(float("inf"), 0))  # (FID, step)
@@ -1083,9 +1083,9 @@ class Judge:
                   kid_subset_size=min(1000, n, len(self.real)))
         fid = tf.metric_fid.fid_statistics_to_metric(*[tf.metric_fid.fid_features_to_statistics(
             f) for f in (fake, self.real)], False)["frechet_inception_distance"]
-        kid = tf.metric_kid.kid_features_to_metric(fake, self.real, **kw)
+        kid = tf.metric_kid.kid_features_to_metric(fake, self.real, **kw).values()
         prc = tf.metric_prc.prc_features_to_metric(fake, self.real[:n], **kw)  # as many a side
-        m = dict(zip(self.HEADER[1:], (fid, *kid.values(), prc["precision"], prc["recall"], n,
+        m = dict(zip(self.HEADER[1:], (fid, *kid, prc["precision"], prc["recall"], n,
                                        round(time.time() - t0, 1))))
         if step is None:
             return m
@@ -1101,7 +1101,7 @@ class Judge:
 
     def said(self):
         return self.rows and (f"; best: FID {self.best[0]:.1f} at step {self.best[1]}, "
-                              f"{self.folder.path / 'best.pt'}") or ""
+                              f"{self.folder.path / 'best.pt'}")
 
 
 def fidelity(args, device):
@@ -1145,18 +1145,17 @@ def fast_paths(run, G, D):
         CudaGraphs = None
     graphs = args.cuda_graph and cuda and run.world == 1 and run.data["images"].is_cuda
     run.graphs = CudaGraphs(run, warn, fail) if graphs and CudaGraphs else None
-    for flag in [f for f in ("amp", "compile", "cuda_graph") if getattr(args, f) and not cuda]:
-        print(f"--{flag.replace('_', '-')} is for CUDA; running without it on {run.device.type}")
-    if args.cuda_graph and cuda and not run.graphs:         # (DDP's all-reduce hooks, host data)
-        print("--cuda-graph: not under torchrun, nor with the images off the GPU, nor without the "
-              "repository's kernels/; eager steps")
-    if args.compile and run.graphs:
-        print("--compile: not with --cuda-graph (which launches the whole step at once)")
-    if args.amp and cuda and not bf16:
-        print("--amp: this GPU has no native bfloat16 (such as a T4); running in float32")
-    amp = torch.autocast("cuda", torch.bfloat16, cache_enabled=not run.graphs) if args.amp and \
-        bf16 else None
-    run.autocast = amp or nullcontext()
+    for said in [f"--{f.replace('_', '-')} is for CUDA; running without it on {run.device.type}"
+                 for f in ("amp", "compile", "cuda_graph") if getattr(args, f) and not cuda] + [
+            said for on, said in (
+                (args.cuda_graph and cuda and not run.graphs, "--cuda-graph: not under torchrun, "
+                 "nor with the images off the GPU, nor without kernels/; eager steps"),
+                (args.compile and run.graphs, "--compile: not with --cuda-graph (one launch)"),
+                (args.amp and cuda and not bf16, "--amp: no native bfloat16 on this GPU (a T4?); "
+                 "float32")) if on]:
+        print(said)
+    run.autocast = torch.autocast("cuda", torch.bfloat16, cache_enabled=not run.graphs) if \
+        args.amp and bf16 else nullcontext()
     if run.world > 1:                       # gradients averaged over the processes; BatchNorm
         with warnings.catch_warnings():     # statistics: each its own (torch 2.14 renames the flag)
             warnings.simplefilter("ignore", FutureWarning)
@@ -1204,8 +1203,7 @@ class Run:
                 self.catch_signals()
         check(not self.ckpt or step < args.steps, f"the checkpoint is at step {step}; pass a "
                                                   f"larger --steps")
-        if self.ckpt:                                       # its models fit, before data is read
-            fits(args, self.ckpt)
+        fits(args, self.ckpt) if self.ckpt else None        # its models, before data is read
         torch.manual_seed(args.seed + self.rank)            # each process its own random stream
         self.data = load_data(args, self.device)
         same_data(args, self.ckpt, self.data)
@@ -1250,8 +1248,8 @@ class Run:
         images = self.data["images"]
         pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:64]
         self.folder.picture(images[pick.to(images.device)] / 127.5 - 1, "real.png")
-        self.meter, self.failing, self.batches = Meter(self), FailingRule(), 0
-        self.judge = judging(self)
+        self.meter, self.failing, self.batches, self.judge = Meter(self), FailingRule(), 0, \
+            judging(self)
         return fast_paths(self, G, D)
 
     def real_batch(self):
@@ -1273,21 +1271,20 @@ class Run:
             if self.step == first < self.args.steps and first % self.args.log_every:
                 self.meter.eta(first, self.args.steps)      # (not at the first log line)
         print(f"done: samples in {self.folder.path / 'samples'}, checkpoint "
-              f"{self.folder.path / 'last.pt'}" + (self.judge and self.judge[0].said() or ""))
+              f"{self.folder.path / 'last.pt'}{self.judge and self.judge.said() or ''}")
 
     def after_step(self):
         """In the order exact resume needs: the EMA, the log line (where torchrun agrees on a stop),
         an evaluation, the grid (G in eval mode), the checkpoints (random streams as they are)."""
         args, step, G, stop, sign, better = self.args, self.step, self.nets["G"], 0, None, False
-        if args.ema:                                        # G_ema = decay G_ema + (1 - decay) G
-            average_(self.nets["G_ema"], G, args.ema)
+        average_(self.nets["G_ema"], G, args.ema) if args.ema else None  # (--ema)
         last, sampler = step == args.steps, self.nets["G_ema"] if args.ema else G.eval()
         if step % args.log_every == 0 or last or self.world == 1 and self.stop:
             means, stop = self.meter.line(step, args.steps, self.stop)
             sign = self.failing(means, step, args)
-        if self.judge and (step % self.judge[1] == 0 or last):
+        if self.judge and (step % self.judge.every == 0 or last):
             with torch.no_grad(), self.autocast:            # FID, KID, precision and recall
-                better, risen = self.judge[0](sampler, step)
+                better, risen = self.judge(sampler, step)
             sign = sign or risen
         if sign:
             warn(f"step {step}: training is failing: {sign}. Earlier snapshots are in "
@@ -1308,9 +1305,8 @@ class Run:
                             *[self.folder.path / "best.pt"] * better)
         if stop:                                            # 3: failing training; a signal
             print(f"stopped at step {step}; " + (f"training is failing; snapshots: "
-                  f"{self.folder.path}/step_*.pt" if stop == 3 else
-                  f"continue with: {continue_command(self)}") + (self.judge and
-                                                                 self.judge[0].said() or ""))
+                  f"{self.folder.path}/step_*.pt" if stop == 3 else f"continue with: "
+                  f"{continue_command(self)}") + (self.judge and self.judge.said() or ""))
             raise SystemExit(stop)
 
 
@@ -1323,12 +1319,12 @@ def average_(G_ema, G, decay):
 
 
 def judging(run):
-    """(the Judge, its interval), if judged: by default each snapshot on CUDA, never elsewhere."""
+    """A judged run's Judge: --eval-every, by default each snapshot on CUDA, never elsewhere."""
     args = run.args
     every = args.eval_every if args.eval_every is not None else run.cuda and (
         args.keep_every or max(1, args.steps // 5))
-    judge = every and Judge(args, run.data, run.device, run.folder, run.step)
-    return judge and judge.fidelity and (judge, every)
+    judge = every and Judge(args, run.data, run.device, run.folder, run.step, every)
+    return judge if judge and judge.fidelity else None
 
 
 def fits(args, ckpt):
