@@ -202,7 +202,7 @@ def failing(m, args):
 # The same in every script down to the end marker, in parts with one job each: flags, data,
 # checkpoints, the run's folder and its logs, quality, the fast paths, the loop. The source copy is
 # dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
-import argparse, copy, csv, errno, gzip, hashlib, io, itertools, json, os  # noqa: E401
+import argparse, copy, csv, errno, gzip, hashlib, io, itertools, os  # noqa: E401
 import shlex, shutil, signal, struct, sys, time, warnings  # noqa: E401
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, nullcontext, redirect_stderr, suppress
@@ -220,7 +220,6 @@ DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR
 CLASSES = {"fashion-mnist": "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,"
            "Ankle boot", "cifar10": "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-DECODE_CHUNK = 2048                     # images decoded between two notes of the decode's progress
 IPYTHON = sys.modules.get("IPython")    # a Jupyter kernel (Colab, Kaggle): argv is the kernel's
 NOTEBOOK = IPYTHON is not None and hasattr(IPYTHON.get_ipython(), "kernel")  # and errors print
 OWN_FLAGS = {"resume", "generate", "eval", "ckpt", "label", "device", "out"}  # not resumed
@@ -267,8 +266,7 @@ def main(argv=None):
     except (SystemExit, KeyboardInterrupt) as e:  # KeyboardInterrupt: Ctrl-C before the handlers
         code = getattr(e, "code", 130)
     except (OSError, MemoryError) as e:                     # a name too long; out of memory
-        code = f"{SCRIPT}: error: {why(e)}" + isinstance(e, MemoryError) * (
-            "; a smaller --img-size, or --data-in disk")
+        code = f"{SCRIPT}: error: {why(e)}" + "; a smaller --img-size?" * isinstance(e, MemoryError)
     if not NOTEBOOK:
         raise SystemExit(code)
     if isinstance(code, str):
@@ -288,7 +286,6 @@ def make_parser(doc):
     g = p.add_argument_group("shared by every script").add_argument
     g("--data", default="mnist", help="mnist, fashion-mnist, cifar10, mnist-mini, or a folder")
     g("--data-root", default="./data", help="where named datasets are found or downloaded")
-    g("--data-in", default="auto", choices=("auto", "device", "host", "disk"), help="images' place")
     g("--img-size", type=int, help=f"default: {SMALL_IMG_SIZE} (MNIST), {PHOTO_IMG_SIZE} (photos)")
     g("--channels", type=int, choices=(1, 3), help="default: the data's")
     g("--out", help="output folder (default: runs/<script>[-<data>], or --resume PATH's folder)")
@@ -412,13 +409,13 @@ def make_dir(out):
     return made
 
 
-def locked(path, wait=False):
+def locked(path):
     """The file at path, open and locked (fcntl; Windows: no lock), or None if another holds it."""
     f = open(path, "a")
     with suppress(ImportError):
         import fcntl
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:                             # (another's: the file is not ours)
             return f.close()
     return f
@@ -426,51 +423,24 @@ def locked(path, wait=False):
 
 # %% Data
 def load_data(args, device):
-    """uint8 images (N, C, H, W), labels (cgan, acgan), class names; the images live where they
-    fit (--data-in): the training device (a batch indexes them), host memory, or the disk cache."""
+    """uint8 images (N, C, H, W), labels (cgan.py, acgan.py), class names, kept on the training
+    device when they fit, so that a batch is an index into them, not a DataLoader."""
     images, labels, classes = (load_named if args.data in DATASETS else load_folder)(args, device)
-    need, mapped, cuda = images.nbytes, isinstance(images, np.memmap), device.type == "cuda"
-    host = need < free_memory() / 2                         # leaving room for the process
-    fits = need < torch.cuda.mem_get_info(device)[0] / 2 if cuda else host
-    where = args.data_in.replace("auto", "device" if fits else "host" if host else "disk")
-    where = "host" if where == "disk" and not mapped else where   # (a named dataset: in memory)
-    where = "device" if where == "host" and not cuda else where   # (one memory)
-    check(where == "disk" or cuda and where == "device" or need < free_memory(), f"the images "
-          f"need {need / 1e9:.1f} GB, the memory has {free_memory() / 1e9:.1f}: --data-in disk")
     about = f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""
-    said = {"device": f"in {device.type} memory", "disk": "on disk (the decode cache)"}
     print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x"
-          f"{args.img_size}{about}, {said.get(where, 'in host memory')}")
-    return {"images": place(images, where, device), "classes": classes,
-            "labels": labels.to(device) if CONDITIONAL else None}
-
-
-def place(images, where, device):
-    """The images where they live: the cache's map itself, or read 4,096 at a time (never twice)."""
-    pin, to = where == "host" and device.type == "cuda", device if where == "device" else "cpu"
-    if torch.is_tensor(images) or where == "disk":          # a named dataset's; the map
-        images = torch.from_numpy(images) if where == "disk" else images.to(to)
-        return images.pin_memory() if pin else images
-    out = torch.empty(images.shape, dtype=torch.uint8, device=to, pin_memory=pin)
-    for i in range(0, len(images), 4096):                   # (each chunk of the cache mapped anew)
-        chunk = np.load(images.filename, mmap_mode="r") if isinstance(images, np.memmap) else images
-        out[i:i + 4096] = torch.from_numpy(np.array(chunk[i:min(i + 4096, len(images))]))
-    return out
-
-
-def free_memory():
-    """The host memory that can still be had, in bytes (Linux's MemAvailable)."""
-    with suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
-        return 1024 * int(next(row for row in f if row.startswith("MemAvailable")).split()[1])
-    return float("inf")                                     # (not Linux: unknown)
+          f"{args.img_size}{about}")
+    if device.type == "cuda" and images.numel() > torch.cuda.mem_get_info(device)[0] / 2:
+        warn("the images fill over half of the free GPU memory; sampling them from host memory")
+        images, device = images.pin_memory(), torch.device("cpu")
+    labels = labels.to(device) if CONDITIONAL else None
+    return {"images": images.to(device), "labels": labels, "classes": classes}
 
 
 def sample_real(data, batch_size, device, with_labels=False):
-    """Random training images in [-1, 1] (tanh's), indexed on the training device (any place)."""
-    idx = torch.randint(0, len(data["images"]), (batch_size,), device=device)
-    x = data["images"][idx.to(data["images"].device)].to(device, non_blocking=True)
-    x = x.float().div_(127.5).sub_(1.0)
-    return (x, data["labels"][idx]) if with_labels else x
+    """Random training images as floats in [-1, 1] (tanh's range), indexed on the device."""
+    idx = torch.randint(0, len(data["images"]), (batch_size,), device=data["images"].device)
+    x = data["images"][idx].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return (x, data["labels"][idx].to(device)) if with_labels else x
 
 
 def load_named(args, device="cpu"):
@@ -572,7 +542,7 @@ def load_folder(args, device=None):
     if bad:
         warn(f"skipped {len(bad)} of {len(files)} images that could not be read (first: {first})")
     if not CONDITIONAL:
-        return images, None, None
+        return torch.from_numpy(images), None, None
     kept = [f.relative_to(root).parts[0] for i, f in enumerate(files) if i not in bad]
     classes = sorted(set(kept))
     check(len(classes) > 1, f"{SCRIPT} needs the images in one subfolder per class, at least two, "
@@ -581,76 +551,58 @@ def load_folder(args, device=None):
     if others or outside:
         warn(f"not used: {len(outside)} images outside class subfolders; the subfolders "
              f"without readable images: {', '.join(sorted(others)) or 'none'}")
-    return images, torch.tensor([classes.index(c) for c in kept]), classes
+    return torch.from_numpy(images), torch.tensor([classes.index(c) for c in kept]), classes
 
 
 def decode_folder(root, files, size, channels):
-    """The files decoded (threads) into the cache: the readable images, the others, a reason."""
+    """The files decoded once, in threads, straight into one array, or read from the decode cache
+    outside the folder (it may be read-only), keyed by the files' names, sizes and times: the
+    readable images in order, the indices of the others, and why the first was not readable."""
     try:
         key = digest([(str(f.relative_to(root)), s.st_size, s.st_mtime_ns, s.st_ctime_ns)
                       for f in files for s in [f.stat()]])  # (ctime: a write, mtime kept or not)
     except OSError as e:                                    # (a file gone meanwhile)
         fail(f"{root} changed while it was read ({why(e)}); run again")
-    cache = cache_dir() / f"{root.resolve().name}-{digest(root.resolve())}-{size}-{channels}.npy"
-    images, info, lock = open_cache(cache, key, (len(files), channels, size, size))
-    done = info["done"]                                     # (a stopped decode's, or all)
+    name = f"{root.resolve().name}-{digest(root.resolve())}-{size}px-{channels}ch.npz"
+    cache = cache_dir() / name
+    try:
+        with np.load(cache) as f:
+            if str(f["key"]) == key:                        # (each f[...] reads the file: once)
+                images, bad, first = f["images"], set(f["bad"].tolist()), str(f["first"])
+                print(f"data: {len(images)} images from the decode cache {cache}")
+                return images, bad, first
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except Exception as e:                                  # cut short, or not a cache at all
+        warn(f"the decode cache {cache} is damaged ({why(e)}); decoding again")
+    images, bad, first = np.empty((len(files), channels, size, size), np.uint8), [], ""
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a skipped image
-        for start in range(done, len(files), DECODE_CHUNK):
-            chunk = files[start:start + DECODE_CHUNK]
-            for i, image in enumerate(pool.map(decode_image, chunk, itertools.repeat(size),
-                                               itertools.repeat(channels)), start):
-                if isinstance(image, str):                  # why it could not be read
-                    info["bad"], info["first"] = info["bad"] + [i], info["first"] or image
-                else:                                       # the readable ones, in order
-                    images[info["n"]], info["n"] = image, info["n"] + 1
-            info["done"] = start + len(chunk)
-            if lock:                                        # the chunk first, then the note
-                images.flush()
-                atomically(cache.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))
-    check(info["n"], f"none of the {len(files)} images under {root} is readable: {info['first']}")
-    print(f"data: {info['n']} images from the decode cache {cache}" if done == len(files) else
-          "data: decoded into memory" if not lock else f"data: decoded once, cached at {cache}" +
-          (f" (going on from image {done:,} of {len(files):,})" if done else ""))
-    images = np.load(cache, mmap_mode="c") if lock else images  # (mapped anew: nothing resident)
-    return images[:info["n"]], set(info["bad"]), info["first"]
+        for i, image in enumerate(pool.map(decode_image, files, itertools.repeat(size),
+                                           itertools.repeat(channels))):
+            if isinstance(image, str):                      # why it could not be read
+                bad, first = bad + [i], first or image
+            else:                                           # the readable ones, in order
+                images[i - len(bad)] = image
+    check(len(bad) < len(files), f"none of the {len(files)} images under {root} is readable: "
+                                 f"{first}")
+    write_cache(cache, images=images[:len(files) - len(bad)], key=key, bad=bad, first=first)
+    return images[:len(files) - len(bad)], set(bad), first
 
 
-def open_cache(cache, key, shape):
-    """The decode cache: a .npy mapped into memory, a .json of its key (the files' names, sizes,
-    times) and progress (a stopped decode goes on), a .lock (one decode at a time)."""
-    fresh, old = {"key": key, "done": 0, "n": 0, "bad": [], "first": ""}, cache.with_suffix(".npz")
+def write_cache(cache, **arrays):
+    """The decode cache, written atomically; a killed run's temporary file goes after an hour."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        print(f"data: {old} (an older version's) goes, decoded once more") if old.exists() else 0
-        old.unlink(missing_ok=True)
-        lock, info = locked(cache.with_suffix(".lock"), wait=True), read_json(cache.with_suffix(
-            ".json"))
-        with suppress(OSError, ValueError):                 # (absent, cut short: decoded again)
-            images = np.lib.format.open_memmap(cache, "r") if info.get("key") == key else None
-            if images is not None and images.shape == shape:  # (r+ would lengthen a cut file)
-                mode = "r+" if info["done"] < shape[0] else "r"
-                return np.lib.format.open_memmap(cache, mode), info, lock
-        if info.get("key") == key:
-            warn(f"the decode cache {cache} is damaged; decoding again")
-        cache.unlink(missing_ok=True)                       # (a run that maps it keeps its own)
-        images = np.lib.format.open_memmap(cache, "w+", np.uint8, shape)
-        with suppress(AttributeError), open(cache, "r+b") as f:  # the disk space, now
-            os.posix_fallocate(f.fileno(), 0, os.path.getsize(cache))
-        return images, fresh, lock
-    except OSError as e:                                    # no room, a file in its place
-        need = np.prod(shape) / 1e9
-        warn(f"could not write the decode cache {cache} ({why(e)}; it needs {need:.1f} GB); "
-             f"decoding into memory, and again in the next run")
-        check(need * 1e9 < free_memory(), f"the images need {need:.1f} GB: free disk space there"
-                                          f", set GAN_CACHE_DIR, or a smaller --img-size")
-        return np.empty(shape, np.uint8), fresh, None
-
-
-def read_json(path):
-    with suppress(OSError, ValueError):
-        return json.loads(path.read_text())
-    return {}
+        atomically(cache, write)
+        for old in cache.parent.glob(f".{cache.name}.*.tmp"):
+            old.unlink() if time.time() - old.stat().st_mtime > 3600 else None
+        print(f"data: decoded once, cached at {cache}")
+    except OSError as e:
+        warn(f"could not write the decode cache {cache} ({why(e)}); the next run decodes again")
 
 
 def decode_image(path, size, channels):
