@@ -199,8 +199,7 @@ def failing(m, args):
 
 
 # %% Plumbing shared by every script ==============================================================
-# The same in every script down to the end marker, in parts with one job each: flags, data,
-# checkpoints, the run's folder and its logs, quality, the fast paths, the loop. The source copy is
+# The same in every script down to the end marker, in parts with one job each. The source copy is
 # dcgan.py's; after editing it, `python tests/sync_plumbing.py` copies it.
 import argparse, copy, csv, errno, gzip, hashlib, io, itertools, os  # noqa: E401
 import shlex, shutil, signal, struct, sys, time, warnings  # noqa: E401
@@ -314,8 +313,7 @@ def make_parser(doc):
 
 
 def parse(p, argv):
-    """The flags typed (args.given) and, on --resume, --generate, --eval, the checkpoint's, read
-    by the same parser first: a value refused typed is refused read."""
+    """Flags typed (args.given), then a checkpoint's, read by one parser: refused alike."""
     argv = [str(a) for a in (argv if argv is not None else [] if NOTEBOOK else sys.argv[1:])]
     unset = object()
     typed = vars(p.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in p._actions})))
@@ -380,9 +378,9 @@ def check_flags(p, args):
 
 
 def pick_device(name):
-    if name == "auto":
-        mps = torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name == "auto":                                      # the first of cuda, mps, cpu
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() \
+            else "cpu"
     check(name != "cuda" or torch.cuda.is_available(), "--device cuda, but CUDA is not available")
     check(name != "mps" or torch.backends.mps.is_available(), "--device mps, but no MPS here")
     torch.backends.cudnn.benchmark = True                   # CUDA: the fastest convolutions, once
@@ -423,8 +421,7 @@ def locked(path):
 
 # %% Data
 def load_data(args, device):
-    """uint8 images (N, C, H, W), labels (cgan.py, acgan.py), class names, kept on the training
-    device when they fit, so that a batch is an index into them, not a DataLoader."""
+    """uint8 images (N, C, H, W), labels, class names, on the device if they fit (no DataLoader)."""
     images, labels, classes = (load_named if args.data in DATASETS else load_folder)(args, device)
     about = f", {len(classes)} classes: {', '.join(classes)}" if CONDITIONAL else ""
     print(f"data: {args.data}, {len(images)} images of {args.channels}x{args.img_size}x"
@@ -444,7 +441,7 @@ def sample_real(data, batch_size, device, with_labels=False):
 
 
 def load_named(args, device="cpu"):
-    """MNIST, Fashion-MNIST, CIFAR-10: IDX files where they lie (also .gz, read-only), else
+    """MNIST, Fashion-MNIST, CIFAR-10: IDX files where they lie (.gz, read-only too), else
     downloaded; offline, MNIST falls back to mnist-mini. Resized on `device`."""
     root = expand(args.data_root)
     images, labels = load_mini() if args.data == "mnist-mini" else read_idx(
@@ -478,8 +475,7 @@ def read_idx(raw):
             check(not arrays, f"{raw} holds the images but no {stem}")
             return None
         try:
-            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-                b = f.read()
+            b = (gzip.decompress if path.suffix == ".gz" else bytes)(path.read_bytes())
             shape = struct.unpack(f">{b[3]}I", b[4:4 + 4 * b[3]])
             arrays.append(np.frombuffer(b, np.uint8, offset=4 + 4 * b[3]).reshape(shape).copy())
             check(b[:3] == b"\0\0\x08" and shape[0] > 0, f"{path} is not an IDX file of bytes")
@@ -520,8 +516,8 @@ def load_mini(offline=""):
 
 
 def load_folder(args, device=None):
-    """Every image under the folder (through links; not hidden, nor a run's), resized, cropped,
-    decoded once. cgan.py, acgan.py: each first-level subfolder is a class."""
+    """Every image under the folder (through links; not hidden, nor a run's), resized and
+    cropped, decoded once. cgan.py, acgan.py: each first-level subfolder is a class."""
     root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
@@ -555,9 +551,8 @@ def load_folder(args, device=None):
 
 
 def decode_folder(root, files, size, channels):
-    """The files decoded once, in threads, straight into one array, or read from the decode cache
-    outside the folder (it may be read-only), keyed by the files' names, sizes and times: the
-    readable images in order, the indices of the others, and why the first was not readable."""
+    """The files decoded once (threads) into one array, or read from the cache outside the folder
+    (keyed by the files' names, sizes, times): the readable images, the others, why the first."""
     try:
         key = digest([(str(f.relative_to(root)), s.st_size, s.st_mtime_ns, s.st_ctime_ns)
                       for f in files for s in [f.stat()]])  # (ctime: a write, mtime kept or not)
@@ -639,10 +634,9 @@ def load_checkpoint(path):
     check(isinstance(ckpt, dict) and "script" in ckpt, f"{path} is not a checkpoint of this repo")
     check(ckpt["script"] == SCRIPT, f"{path} was written by {ckpt['script']}, not by {SCRIPT}")
     names = ckpt.get("classes")                             # cgan.py, acgan.py: the classes
-    whole = {"args": isinstance(ckpt.get("args"), dict),
-             "step": type(ckpt.get("step")) is int and ckpt["step"] >= 0,
-             "classes": not CONDITIONAL or isinstance(names, list) and len(names) > 0
-             and all(type(c) is str for c in names)}
+    whole = {"args": isinstance(ckpt.get("args"), dict), "step": type(ckpt.get("step")) is int
+             and ckpt["step"] >= 0, "classes": not CONDITIONAL or isinstance(names, list)
+             and len(names) > 0 and all(type(c) is str for c in names)}
     lost = [k for k in CKPT_KEYS if k not in ckpt] or [k for k, ok in whole.items() if not ok]
     check(not lost, f"{path} is not a whole checkpoint (edited by hand?): {', '.join(lost)}")
     return ckpt
@@ -733,8 +727,8 @@ def restore_checkpoint(run, ckpt):
 
 # %% --generate, pictures, D without BatchNorm
 def generate(args):
-    """--generate N: N images of the checkpoint's G, <index>.png (cgan, acgan: <label>_<index>.png),
-    in a locked folder (the --data scan skips it) that holds none of these names."""
+    """--generate N: <index>.png (cgan, acgan: <label>_<index>.png, the classes in turn, or
+    --label) of the checkpoint's G, in a locked folder holding none of these names."""
     device, G = saved_G(args)
     n, label = len(args.checkpoint[1].get("classes") or [0]), getattr(args, "label", None)
     check(label is None or 0 <= label < n, f"--label must be in 0..{n - 1}")
@@ -776,8 +770,7 @@ def save_grid(images, path):
 
 
 def without_batchnorm(net):
-    """Every BatchNorm of net replaced by nothing, no bias added (it drew worse digits under
-    --spectral-norm at 8,000 steps, two seeds: docs/long-runs.md)."""
+    """Every BatchNorm of net replaced by nothing, no bias added (docs/long-runs.md)."""
     for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
         for i, layer in enumerate(seq):
             seq[i] = nn.Identity() if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer
@@ -785,8 +778,8 @@ def without_batchnorm(net):
 
 
 def spectral_norm_(D):
-    """--spectral-norm (Miyato et al. 2018), in place: every conv and linear layer of D divided
-    by its largest singular value, so that D stays 1-Lipschitz; no BatchNorm in D (the paper's)."""
+    """--spectral-norm (Miyato et al. 2018): every conv and linear layer of D divided by its
+    largest singular value (D stays 1-Lipschitz); no BatchNorm in D, as in the paper."""
     for layer in list(without_batchnorm(D).modules()):
         if isinstance(layer, (nn.Conv2d, nn.Linear)):
             nn.utils.parametrizations.spectral_norm(layer)
@@ -795,8 +788,8 @@ def spectral_norm_(D):
 
 # %% The run's folder: its lock, which run may write there, its pictures and logs
 class Folder:
-    """--out, locked before anything slow (two runs never write one folder); it holds one run,
-    another may only continue its last.pt. Under torchrun rank 0 alone writes."""
+    """--out, locked before anything slow: one run a folder (which only its continuation may
+    write). Under torchrun rank 0 alone writes."""
 
     def __init__(self, path):
         self.path, self.lock, self.made, self.ours = path, None, [], False
@@ -810,8 +803,8 @@ class Folder:
             tmp.unlink(missing_ok=True)                     # save's temporary file
 
     def claim(self, data, resumed, step, typed=False):
-        """Take the folder if this run may write there: a fresh one if it holds no run; a resumed
-        one if it holds none or `resumed` is its last.pt. Never --data's images, nor around them."""
+        """Take the folder if this run may write there (it holds no run, or `resumed` is its
+        last.pt); never --data's images, nor a folder around them."""
         out, images = self.path.resolve(), data not in DATASETS and Path(data).resolve()
         check(not images or not images.is_relative_to(out) and not (
             out.is_relative_to(images) and out.is_dir() and not (out / ".lock").exists() and any(
@@ -867,8 +860,8 @@ class Folder:
 
 
 def read_rows(folder, name, step):
-    """--resume: a CSV's rows up to the step (later and damaged rows dropped, the file written
-    again; a damaged one kept as NAME.damaged). Step 0: a new file."""
+    """--resume: a CSV's rows up to the step; later and damaged ones dropped (a damaged file kept
+    as NAME.damaged). Step 0: a new file."""
     path, rows, lines = folder.path / name, [], [[]]
     with suppress(OSError, ValueError), open(path, newline="", errors="replace") as f:
         lines = list(csv.reader(f)) if step else [[]]       # (none yet; a folder in its place)
@@ -922,7 +915,7 @@ def plot(rows, header, path, last=-1, W=800, H=420, pad=60):
 # %% The meter: each step's numbers, summed on the device until a log line
 class Meter:
     """Each step's numbers summed on the device (no host sync), the first NaN/inf step kept; at a
-    log line (torchrun: all processes' means, one stop) a log.csv row and the progress line."""
+    log line (torchrun: all processes agree) a log.csv row and the progress line."""
 
     def __init__(self, run):
         self.run, self.sums, self.images, self.t0 = run, None, 0, time.time()
@@ -978,14 +971,12 @@ class Meter:
 
 # %% When training is failing (docs/long-runs.md): the script's sign, or FID risen from its best
 class FailingRule:
-    """The warning that training is failing: the script's failing() sign in FAILING_LINES log
-    lines in a row, once per episode, not in a run's first steps."""
+    """Training is failing: failing()'s sign in FAILING_LINES log lines in a row (once a time)."""
     QUIET_STEPS, QUIET_SHARE = 1000, 0.1   # not judged: the first 1000 steps or tenth of a run
     FAILING_LINES, HEALTHY_LINES = 5, 20
     bad = good = warned = 0                # failing and healthy lines in a row; said this episode
 
-    def __call__(self, means, step, args):
-        """The sign of failure when the warning is due now, else None."""
+    def __call__(self, means, step, args):                 # the sign, when the warning is due
         quiet = step <= min(self.QUIET_STEPS, args.steps * self.QUIET_SHARE)
         sign = None if quiet else failing(means, args)
         self.bad, self.good = (self.bad + 1, 0) if sign else (0, self.good + 1)
@@ -997,9 +988,8 @@ class FailingRule:
 
 # %% Quality: FID, KID, precision and recall (torch-fidelity), metrics.csv, best.pt
 class Judge:
-    """G judged (README: Quality): torch-fidelity's features of --eval-samples of its images and of
-    up to 50,000 training images give FID, KID, precision, recall. Its own random stream, eval
-    mode: a judged run trains as one that is not."""
+    """G judged (README: Quality): torch-fidelity's FID, KID, precision, recall of --eval-samples
+    images against up to 50,000 training images; its own random stream (training unchanged)."""
     RISE, TIMES = 1.25, 2                  # failing: FID 25% over its best at two in a row
     HEADER = ["step", "fid", "kid", "kid_std", "precision", "recall", "samples", "seconds"]
 
@@ -1121,8 +1111,7 @@ def fast_paths(run, G, D):
 
 # %% The loop: the steps, and after each one the EMA, the log, evaluations, grids, checkpoints
 class Run:
-    """What train() needs besides the paper: device, --out, data, --resume, the grids' noise,
-    the loop. Run.observers: f(run, stats) after every step (for the tests)."""
+    """What train() needs besides the paper: device, --out, data, --resume, the grids, the loop."""
     observers = []
 
     def __init__(self, args):
@@ -1266,16 +1255,14 @@ def average_(G_ema, G, decay):
     """--ema, in place: G_ema = decay G_ema + (1 - decay) G; BatchNorm's statistics are G's."""
     with torch.no_grad():
         torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - decay)
-        for copied, now in zip(G_ema.buffers(), G.buffers()):
-            copied.copy_(now)
+        torch._foreach_copy_(list(G_ema.buffers()), list(G.buffers()))
 
 
 def judging(run):
     """A judged run's Judge: --eval-every, by default each snapshot on CUDA, never elsewhere."""
-    args = run.args
-    every = args.eval_every if args.eval_every is not None else run.cuda and (
-        args.keep_every or max(1, args.steps // 5))
-    judge = every and Judge(args, run.data, run.device, run.folder, run.step, every)
+    every = run.args.eval_every if run.args.eval_every is not None else run.cuda and (
+        run.args.keep_every or max(1, run.args.steps // 5))
+    judge = every and Judge(run.args, run.data, run.device, run.folder, run.step, every)
     return judge if judge and judge.fidelity else None
 
 
@@ -1289,8 +1276,8 @@ def fits(args, ckpt):
 
 
 def same_data(args, ckpt, data):
-    """--resume: the data it was trained on (folder or dataset, count, classes), or one line;
-    --data typed otherwise is said and trained on. Records the count."""
+    """--resume: the data it was trained on (folder or dataset, count, classes), or one line
+    (--data typed: said, and trained on). Records the count."""
     n, saved, args.images = len(data["images"]), (ckpt or {"args": {}})["args"], len(data["images"])
     theirs = (ckpt or {}).get("classes", data["classes"])
     check(theirs == data["classes"], f"the checkpoint was trained on the classes "
