@@ -228,3 +228,20 @@ def test_a_script_judged_in_its_own_process(data, tmp_path):
     res = run_subprocess(REPO / S, *flags, "--out", "x", cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr
     assert "FID" in res.stdout and (tmp_path / "x" / "best.pt").exists()
+
+
+def test_the_fid_table_benchmark_on_tiny_data(data, tmp_path):
+    """benchmarks/fid_table.py, on a tiny folder with the test extractor: a table per script with
+    the four figures of last.pt, and the published figures beside them."""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "fidelity"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    res = run_subprocess(REPO / "benchmarks" / "fid_table.py", "--scripts", "dcgan.py", "--steps",
+                         2, "--data", data, "--out", tmp_path / "table", "--eval-samples", 40,
+                         "--eval-features", "test-extractor", "--", *TINY[S], "--device", "cpu",
+                         cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stdout.splitlines() if line.startswith("| last.pt |"))
+    assert len([float(x) for x in row.split("|")[2:6]]) == 4 and "| 2 | 8 |" in row
+    assert "published: FID 48.29 (PyTorch-StudioGAN" in res.stdout
+    assert "ours: FID, test-extractor (torch-fidelity), 40 samples vs 40 training images" in \
+        res.stdout
