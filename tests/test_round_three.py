@@ -285,10 +285,19 @@ def test_a_name_that_is_not_utf8_prints(tmp_path):
 
 def test_ctrl_c_while_torch_loads(tmp_path):
     """(9) Ctrl-C during `import torch` printed Python's KeyboardInterrupt traceback. Now the
-    process ends as Ctrl-C ends it (status 130 in a shell), with nothing printed."""
+    process ends as Ctrl-C ends it (status 130 in a shell), with nothing printed. (A sitecustomize
+    makes the import of torch take seconds, so that the signal lands in it on any machine.)"""
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "class Slow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        time.sleep(30) if name == 'torch' else None\n"
+        "sys.meta_path.insert(0, Slow())\n")
     p = subprocess.Popen([sys.executable, str(REPO / S), "--help"], cwd=tmp_path, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.3)                                         # importing torch takes seconds
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "slow")})
+    time.sleep(3)                                           # (inside the import of torch now)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode in (-signal.SIGINT, 130) and err == "", err
