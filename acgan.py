@@ -878,7 +878,7 @@ def read_rows(folder, name, step):
         if folder.lock and (len(rows) < len(lines) - 1 or not step):  # (torchrun: rank 0's)
             shutil.copyfile(path, f"{path}.damaged") if damaged else None
             atomically(path, lambda tmp: tmp.write_text(text)) if rows else path.unlink()
-    return lines[0], rows
+    return (lines[0] if rows else []), rows                # (no rows: a new file, a header)
 
 
 def origin(data):

@@ -125,6 +125,9 @@ def test_one_damaged_cell_keeps_the_rest_of_the_log(script, runs, tmp_path):
     steps = [line.split(",")[0] for line in (x / "log.csv").read_text().splitlines()[1:]]
     assert steps == ["1", "3"]
     assert (x / "log.csv.damaged").read_text() == damaged
+    (x / "log.csv").write_text(header + "\n" + ",".join(["3"] + [""] * header.count(",")) + "\n")
+    train("--resume", x / "last.pt", "--steps", 4, "--log-every", 1, script=script)  # all damaged
+    assert (x / "log.csv").read_text().splitlines()[0] == header      # a new file, with its header
 
 
 def test_log_rows_are_appended_and_loss_png_drawn_with_the_grids(tmp_path, monkeypatch):
