@@ -346,12 +346,13 @@ def saved_flags(p, path, ckpt, given):
 def check_flags(p, args):
     """Every value, typed or a checkpoint's: finite numbers, counts within their limits."""
     top = dict.fromkeys(("steps", "latent_dim", "log_every", "sample_every", "ckpt_every",
-                         "eval_samples"), 2 ** 31) | {"batch_size": 65536}
+                         "eval_samples"), 2 ** 31) | {"batch_size": 65536}  # (eval_samples: >= 10)
     bad = [f"--{k.replace('_', '-')} must be in 1..{n:,}, got {getattr(args, k):,}"
            for k, n in top.items() if not 0 < getattr(args, k) <= n] + [
         f"{a.option_strings[0]} must be a finite number, got {getattr(args, a.dest)}"
         for a in p._actions if a.type is float and not np.isfinite(getattr(args, a.dest)).all()]
     bad += [m for ok, m in ((0 <= args.seed < 2 ** 63, "--seed must be in 0..2^63-1"), (
+        args.eval_samples >= 10, f"--eval-samples must be at least 10, got {args.eval_samples}"), (
         min(args.keep_every, args.eval_every or 0) >= 0, "--keep-every, --eval-every must be >= 0"),
         (0 <= args.ema < 1, "--ema must lie in [0, 1)"), (args.lr > 0, "--lr must be positive"),
         (all(0 <= b < 1 for b in args.betas), "--betas must lie in [0, 1)")) if not ok]
@@ -504,7 +505,8 @@ def load_folder(args, device=None):
     root = expand(args.data)
     check(root.exists(), f"--data {args.data}: no such folder, and not a dataset name "
                          f"({', '.join(DATASETS)})")
-    check(root.is_dir(), f"--data {args.data} is a file; give the folder that holds the images")
+    check(root.is_dir() and not (root / ".lock").exists(), f"--data {args.data} is a file, or the "
+          f"folder of a run or of --generate (not read as data); give the folder of the images")
     args.img_size, args.channels = args.img_size or PHOTO_IMG_SIZE, args.channels or 3
     files, seen = [], set()
     for folder, dirs, names in os.walk(root, followlinks=True):
@@ -629,9 +631,8 @@ def load_state(obj, state, name, differ=""):
     try:
         obj.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"the checkpoint's {name} does not fit this model ({why(e)}); " + (
-            f"typed otherwise: {differ}" if differ else "a flag that shapes it (--spectral-norm, a "
-                                                        "width) given otherwise?"))
+        fail(f"the checkpoint's {name} does not fit this model ({why(e)}); typed otherwise: "
+             f"{differ or 'a flag that shapes it (--spectral-norm, a width)?'}")
 
 
 def saved_G(args):
@@ -984,9 +985,8 @@ class Judge:
         if isinstance(self.fidelity, str):                  # why not: a run trains on, --eval stops
             self.fidelity = (warn if folder else fail)(self.fidelity)
             return
-        images = data["images"]
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:50000]
-        real = images[pick.to(images.device)]
+        pick = torch.randperm(len(data["images"]), generator=torch.Generator().manual_seed(0))
+        real = data["images"][pick[:50000].to(data["images"].device)]  # (real.png's first 64)
         self.real = self.fidelity[1].utils.cache_lookup_one_recompute_on_miss(  # computed once
             f"{real.shape}-{digest(real[:256].cpu().numpy().tobytes())}-{args.eval_features}",
             lambda: self.features(real), cache_root=str(cache_dir()), verbose=False)
@@ -1004,8 +1004,8 @@ class Judge:
         g = torch.Generator(self.device).manual_seed(args.seed)
         fake = torch.cat([self.features(x.float().add(1).mul(127.5).round().clamp(0, 255)) for x
                           in samples_of(G, args, self.device, self.classes, n=n, generator=g)])
-        kw = dict(verbose=False, save_cpu_ram=True, prc_batch_size=1000,
-                  kid_subset_size=min(1000, n, len(self.real)))
+        kw = dict(verbose=False, save_cpu_ram=True, prc_batch_size=1000, prc_neighborhood=min(
+            3, len(self.real) - 1), kid_subset_size=min(1000, n, len(self.real)))  # (few images)
         fid = tf.metric_fid.fid_statistics_to_metric(*[tf.metric_fid.fid_features_to_statistics(
             f) for f in (fake, self.real)], False)["frechet_inception_distance"]
         kid = tf.metric_kid.kid_features_to_metric(fake, self.real, **kw).values()

@@ -214,6 +214,8 @@ def _offline(*a, **kw):
 
 def test_bad_evaluation_flags_are_one_line(data, tmp_path):
     assert "--eval-samples must be in 1.." in error_of(S, "--eval-samples", 0)
+    # (probe) 3 samples ended in a traceback from precision and recall's 4th neighbour
+    assert "--eval-samples must be at least 10, got 3" in error_of(S, "--eval-samples", 3)
     train("--data", data, "--steps", 1, "--out", "x")
     assert "no checkpoint at runs/dcgan/last.pt" in error_of(S, "--eval")
     assert "no such feature extractor" in error_of(S, "--eval", "--ckpt", "x/last.pt",
@@ -245,3 +247,12 @@ def test_the_fid_table_benchmark_on_tiny_data(data, tmp_path):
     assert "published: FID 48.29 (PyTorch-StudioGAN" in res.stdout
     assert "ours: FID, test-extractor (torch-fidelity), 40 samples vs 40 training images" in \
         res.stdout
+
+
+def test_a_handful_of_training_images_is_judged_without_a_traceback(tmp_path):
+    """(probe) precision and recall take each image's 3rd neighbour: with 3 training images the
+    run died in a traceback. Fewer neighbours for fewer images."""
+    few = make_folder(tmp_path / "few", n=3)
+    train("--data", few, "--steps", 2, "--eval-every", 2, *EVAL, "--out", "x")
+    rows = (tmp_path / "x" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("2,")

@@ -431,3 +431,11 @@ def test_the_real_limit_is_named():
     """(22) --batch-size 10000000000 said "must be a positive integer"."""
     assert "--batch-size must be in 1..65,536, got 10,000,000,000" in error_of(
         S, "--batch-size", 10_000_000_000)
+
+
+def test_a_folder_of_generated_images_as_data_says_why(runs, tmp_path):
+    """(probe) --data pointing at a --generate folder said "no images": its .lock keeps the scan
+    out. Now the line says that it is such a folder."""
+    train("--generate", 12, "--ckpt", runs / "dcgan" / "run" / "last.pt", "--out", "gen")
+    msg = error_of(S, "--data", "gen", "--steps", 1, "--out", "out")
+    assert "the folder of a run or of --generate" in msg
