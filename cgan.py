@@ -1019,13 +1019,13 @@ class Judge:
         self.worse = self.worse + 1 if fid >= self.RISE * self.best[0] else 0
         self.folder.append("metrics.csv", *[self.HEADER] * (len(self.rows) == 1), self.rows[-1])
         self.folder.write("fid.png", plot, self.rows, self.HEADER, self.folder.path / "fid.png", 1)
-        print(f"[{step}/{args.steps}] FID {fid:.1f} KID {m['kid']:.4f} P {m['precision']:.2f} R "
+        print(f"[{step}/{args.steps}] FID {fid:.4g} KID {m['kid']:.4f} P {m['precision']:.2f} R "
               f"{m['recall']:.2f}" + " (best)" * best, flush=True)
-        return best, self.worse == self.TIMES and (f"FID rose from {self.best[0]:.1f} (step "
-                                                   f"{self.best[1]}, best.pt) to {fid:.1f}")
+        return best, self.worse == self.TIMES and (f"FID rose from {self.best[0]:.4g} (step "
+                                                   f"{self.best[1]}, best.pt) to {fid:.4g}")
 
     def said(self):
-        return self.rows and (f"; best: FID {self.best[0]:.1f} at step {self.best[1]}, "
+        return self.rows and (f"; best: FID {self.best[0]:.4g} at step {self.best[1]}, "
                               f"{self.folder.path / 'best.pt'}")
 
 

@@ -114,8 +114,8 @@ def test_a_run_judged_writes_metrics_keeps_the_best_and_trains_the_same(data, tm
                          load(tmp_path / "judged" / "step_000004.pt")) == []
     assert (tmp_path / "judged" / "fid.png").is_file()
     out = capsys.readouterr().out
-    assert "[4/8] FID 4.0 KID" in out and "(best)" in out
-    assert f"best: FID 4.0 at step 4, {tmp_path / 'judged' / 'best.pt'}" in out.replace(
+    assert "[4/8] FID 4 KID" in out and "(best)" in out
+    assert f"best: FID 4 at step 4, {tmp_path / 'judged' / 'best.pt'}" in out.replace(
         "judged/best.pt", str(tmp_path / "judged" / "best.pt"))
     train(*common, "--out", "plain", "--eval-every", 0)
     assert tensors_equal(load(tmp_path / "judged" / "last.pt"),
@@ -151,7 +151,7 @@ def test_the_warning_fires_when_fid_rises_from_its_best(fids, warned, data, monk
             train(*flags)
         assert e.value.code == 3
         err = capsys.readouterr().err
-        assert "step 8: training is failing: FID rose from 4.0 (step 4, best.pt) to 5.2" in err
+        assert "step 8: training is failing: FID rose from 4 (step 4, best.pt) to 5.2" in err
     else:
         train(*flags)
         assert "training is failing" not in capsys.readouterr().err
